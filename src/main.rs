@@ -1,1 +1,109 @@
-fn main(){}
+use clap::Parser;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use veil::cli::{BenchCommand, Cli, Command, RunArgs};
+use veil::error::{Error, Kind};
+use veil::vmm::Vm;
+use veil_devices::StopReason;
+use vmm_sys_util::terminal::Terminal;
+
+fn fail(e: &Error) -> ExitCode {
+    eprintln!("veil: error: {e}");
+    ExitCode::from(e.kind.exit_code() as u8)
+}
+
+/// Host stdin for the guest's serial port, when it is a terminal (in raw
+/// mode until veil exits).
+struct RawStdin;
+
+impl RawStdin {
+    fn open() -> Option<(std::fs::File, RawStdin)> {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let fd = std::os::fd::AsFd::as_fd(&stdin).try_clone_to_owned().ok()?;
+        stdin.lock().set_raw_mode().ok()?;
+        Some((std::fs::File::from(fd), RawStdin))
+    }
+}
+
+impl Drop for RawStdin {
+    fn drop(&mut self) {
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let (file, flags) = match args.sources() {
+        Ok(s) => s,
+        Err(m) => return fail(&Error::new(Kind::Usage, m)),
+    };
+    let level = match args.log_level(&file) {
+        Ok(l) => l,
+        Err(m) => return fail(&Error::new(Kind::Usage, m)),
+    };
+    env_logger::Builder::new()
+        .filter_level(level.filter())
+        .format_timestamp_millis()
+        .init();
+    let config = match veil::config::resolve(file, flags) {
+        Ok(c) => c,
+        Err(m) => return fail(&Error::new(Kind::Usage, m)),
+    };
+    log::info!("starting VM: {}", config.describe());
+    let vm = match Vm::build(&config, veil::probe_image::PROBE_ELF) {
+        Ok(vm) => vm,
+        Err(e) => return fail(&e),
+    };
+    let stdin = RawStdin::open();
+    let (input, guard) = stdin.map_or((None, None), |(f, g)| (Some(f), Some(g)));
+    let (result, report) = vm.run(input);
+    drop(guard);
+    if let Some(path) = &args.metrics {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            eprintln!(
+                "veil: warning: cannot write metrics to {}: {e}",
+                path.display()
+            );
+        }
+    }
+    match result {
+        Ok(StopReason::DebugExit(status)) => {
+            log::info!("guest exited with status {status}");
+            ExitCode::from(status)
+        }
+        Ok(reason) => {
+            log::info!("guest stopped: {reason:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("veil: error: {first} (see veil --help)");
+            return ExitCode::from(Kind::Usage.exit_code() as u8);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Bench(b) => match b.what {
+            BenchCommand::Boot { .. } => veil::bench::boot(b.what),
+        },
+    }
+}

@@ -1,1 +1,10 @@
-pub mod placeholder {}
+//! x86-64 boot for veil: where things live in guest memory, the initial CPU
+//! state, CPUID, the zero page and (in `acpi`) the firmware tables.
+
+pub mod acpi;
+pub mod boot_params;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod paging;
+pub mod regs;

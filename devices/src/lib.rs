@@ -1,1 +1,9 @@
+//! veil's devices: the bus that routes guest exits to them, the legacy PC
+//! devices, and (later) virtio devices and their DMA layer.
 
+pub mod bus;
+pub mod legacy;
+pub mod stop;
+
+pub use bus::{Bus, BusDevice};
+pub use stop::{StopReason, StopSignal};

@@ -1,0 +1,101 @@
+//! Guest-physical addresses and I/O ports of the veil platform.
+//!
+//! docs/platform.md is the prose version of this file; keep them in step.
+
+/// Boot GDT.
+pub const GDT_ADDR: u64 = 0x500;
+/// `boot_params` (the "zero page"), handed to the kernel in RSI.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Initial stack pointer of the boot CPU.
+pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+/// Boot page tables: PML4, PDPT, then one PD per GiB identity-mapped.
+pub const PML4_ADDR: u64 = 0x9000;
+pub const PDPT_ADDR: u64 = 0xa000;
+pub const PD_ADDR: u64 = 0xb000;
+/// GiBs identity-mapped by the boot page tables.
+pub const IDENTITY_MAPPED_GIB: u64 = 4;
+/// End of the page-table area; kept out of usable RAM in e820 so that
+/// application processors woken late still find valid page tables.
+pub const PAGE_TABLES_END: u64 = PD_ADDR + IDENTITY_MAPPED_GIB * 0x1000;
+/// Kernel command line.
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+pub const CMDLINE_MAX_SIZE: usize = 4096;
+/// Start of the extended BIOS data area: the end of usable low RAM.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// ACPI tables (RSDP first) live in the legacy BIOS area.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
+/// Where high RAM, and kernels, start.
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// RAM below 4 GiB ends here at the latest; the rest starts at 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// 32-bit window for PCI BARs and virtio-mmio devices.
+pub const MMIO32_START: u64 = 0xc000_0000;
+pub const MMIO32_END: u64 = 0xe000_0000;
+/// PCI ECAM (enhanced configuration access).
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// ACPI Multiprocessor Wakeup mailbox: trapped MMIO, one page.
+pub const WAKEUP_MAILBOX_ADDR: u64 = 0xfeb0_0000;
+pub const WAKEUP_MAILBOX_SIZE: u64 = 0x1000;
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+
+/// Legacy I/O ports.
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const I8042_DATA_PORT: u16 = 0x60;
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
+
+/// Smallest guest RAM veil accepts: room for the boot structures, a kernel
+/// and its working memory.
+pub const MIN_RAM_SIZE: u64 = 16 << 20;
+
+/// The guest-physical RAM ranges for `size` bytes of RAM: low RAM up to the
+/// MMIO gap, the rest above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(0, low)];
+    if size > low {
+        ranges.push((MMIO_GAP_END, size - low));
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_ram_is_one_range() {
+        assert_eq!(ram_ranges(64 << 20), vec![(0, 64 << 20)]);
+    }
+
+    #[test]
+    fn ram_above_the_gap_moves_to_4g() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(
+            r,
+            vec![
+                (0, MMIO_GAP_START),
+                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
+            ]
+        );
+        assert_eq!(r.iter().map(|x| x.1).sum::<u64>(), 4 << 30);
+    }
+
+    #[test]
+    fn boot_structures_do_not_overlap() {
+        assert!(GDT_ADDR + 0x100 <= ZERO_PAGE_ADDR);
+        assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_TOP);
+        assert!(BOOT_STACK_TOP <= PML4_ADDR);
+        assert!(PAGE_TABLES_END <= CMDLINE_ADDR);
+        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+        assert!(EBDA_START <= ACPI_START && ACPI_END == HIMEM_START);
+    }
+}

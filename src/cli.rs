@@ -1,0 +1,143 @@
+//! The command line: `veil run` and `veil bench`.
+
+use crate::config::{ConfigFile, Overrides};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "veil",
+    version,
+    about = "A minimal virtual machine monitor on Linux KVM"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a VM: a Linux kernel, or veil's built-in test guest when no --kernel is given.
+    Run(RunArgs),
+    /// Measure veil (boot time, memory overhead).
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Off => log::LevelFilter::Off,
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Kernel to boot: an x86-64 ELF vmlinux or a bzImage [default: the built-in test guest].
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line [default for Linux: "console=ttyS0 reboot=k panic=1"].
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Guest RAM, e.g. 256M or 2G [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u64>,
+    /// Where the serial console goes: stdout, file=PATH or off [default: stdout].
+    #[arg(long, value_name = "SINK")]
+    pub serial: Option<String>,
+    /// veil's own log level (to stderr) [default: warn].
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    pub log_level: Option<LogLevel>,
+    /// End the VM after SECS seconds with exit status 124.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// CPUID features to hide from the guest, comma separated (e.g. xsave,cx16).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub cpuid_hide: Option<Vec<String>>,
+    /// Read settings from a JSON file; flags given as well override it.
+    #[arg(long, value_name = "FILE.json")]
+    pub config: Option<PathBuf>,
+    /// Write run figures (exits, boot times, memory) as JSON to FILE on exit.
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// Settings from the config file (if any), and the flags that override them.
+    pub fn sources(&self) -> Result<(ConfigFile, Overrides), String> {
+        let file = match &self.config {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        let flags = Overrides {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            memory: self.memory.clone(),
+            cpus: self.cpus,
+            serial: self.serial.clone(),
+            timeout: self.timeout,
+            cpuid_hide: self.cpuid_hide.clone(),
+        };
+        Ok((file, flags))
+    }
+
+    /// The log level: the flag, else the config file, else warn.
+    pub fn log_level(&self, file: &ConfigFile) -> Result<LogLevel, String> {
+        if let Some(l) = self.log_level {
+            return Ok(l);
+        }
+        match &file.log_level {
+            Some(s) => LogLevel::from_str(s, true)
+                .map_err(|_| format!("invalid log_level '{s}' in config file")),
+            None => Ok(LogLevel::Warn),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Boot times and memory overhead: the test guest over --runs runs, and a Linux kernel over --linux-runs if --kernel is given.
+    Boot {
+        #[arg(long, default_value_t = 20)]
+        runs: u32,
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        initrd: Option<PathBuf>,
+        #[arg(long, value_name = "STR")]
+        cmdline: Option<String>,
+        /// Text on the serial console that marks the Linux guest as booted.
+        #[arg(long, default_value = "VEIL-LINUX-UP")]
+        marker: String,
+        #[arg(long, default_value_t = 3)]
+        linux_runs: u32,
+    },
+}

@@ -1,0 +1,260 @@
+//! What a VM is made of, as the user said it: flags, a JSON file, or both.
+//!
+//! Parsing here turns every bad value into a one-line message; nothing past
+//! this point has to re-check user input.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// Where the 8250's output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOutput {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+impl std::str::FromStr for SerialOutput {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdout" => Ok(SerialOutput::Stdout),
+            "off" => Ok(SerialOutput::Off),
+            _ => match s.strip_prefix("file=") {
+                Some(path) if !path.is_empty() => Ok(SerialOutput::File(path.into())),
+                _ => Err(format!(
+                    "invalid serial output '{s}': expected stdout, off or file=PATH"
+                )),
+            },
+        }
+    }
+}
+
+/// Parses sizes like `256M`, `2G`, `65536` or `64KiB` into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    let bad = || {
+        format!(
+            "invalid size '{s}': expected a number with an optional K, M or G suffix (e.g. 256M)"
+        )
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("invalid size '{s}': too large"))
+}
+
+/// Everything `veil run` needs, after defaults are applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmConfig {
+    /// None boots the built-in test guest.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub memory: u64,
+    pub cpus: u8,
+    pub serial: SerialOutput,
+    pub timeout_secs: Option<f64>,
+    pub cpuid_hide: Vec<String>,
+}
+
+impl VmConfig {
+    pub const DEFAULT_MEMORY: u64 = 256 << 20;
+    pub const MAX_CPUS: u8 = 254;
+
+    pub fn describe(&self) -> String {
+        let kernel = self.kernel.as_ref().map_or_else(
+            || "built-in test guest".to_string(),
+            |p| p.display().to_string(),
+        );
+        format!("{kernel}, {} MiB, {} vCPU(s)", self.memory >> 20, self.cpus)
+    }
+}
+
+/// The JSON form of the settings (`--config FILE.json`); same names as the
+/// flags, with `-` written as `_`. Unknown keys are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub memory: Option<SizeValue>,
+    pub cpus: Option<u64>,
+    pub serial: Option<String>,
+    pub log_level: Option<String>,
+    pub timeout: Option<f64>,
+    pub cpuid_hide: Option<Vec<String>>,
+}
+
+/// A size in a config file: `"256M"` or a plain number of bytes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(s) => parse_size(s),
+        }
+    }
+}
+
+impl ConfigFile {
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| format!("invalid config file {}: {e}", path.display()))
+    }
+}
+
+/// Settings from the command line; each overrides the config file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub memory: Option<String>,
+    pub cpus: Option<u64>,
+    pub serial: Option<String>,
+    pub timeout: Option<f64>,
+    pub cpuid_hide: Option<Vec<String>>,
+}
+
+fn check_cpus(n: u64) -> Result<u8, String> {
+    match u8::try_from(n) {
+        Ok(c) if (1..=VmConfig::MAX_CPUS).contains(&c) => Ok(c),
+        _ => Err(format!(
+            "invalid --cpus {n}: expected 1 to {}",
+            VmConfig::MAX_CPUS
+        )),
+    }
+}
+
+fn check_timeout(t: f64) -> Result<f64, String> {
+    if t.is_finite() && t > 0.0 {
+        Ok(t)
+    } else {
+        Err(format!(
+            "invalid --timeout {t}: expected a positive number of seconds"
+        ))
+    }
+}
+
+/// Merges the file (if any) with the flags and applies defaults.
+pub fn resolve(file: ConfigFile, flags: Overrides) -> Result<VmConfig, String> {
+    let memory = match (flags.memory, file.memory) {
+        (Some(s), _) => parse_size(&s)?,
+        (None, Some(v)) => v.bytes()?,
+        (None, None) => VmConfig::DEFAULT_MEMORY,
+    };
+    let serial = match flags.serial.or(file.serial) {
+        Some(s) => s.parse()?,
+        None => SerialOutput::Stdout,
+    };
+    Ok(VmConfig {
+        kernel: flags.kernel.or(file.kernel),
+        initrd: flags.initrd.or(file.initrd),
+        cmdline: flags.cmdline.or(file.cmdline),
+        memory,
+        cpus: check_cpus(flags.cpus.or(file.cpus).unwrap_or(1))?,
+        serial,
+        timeout_secs: flags
+            .timeout
+            .or(file.timeout)
+            .map(check_timeout)
+            .transpose()?,
+        cpuid_hide: flags.cpuid_hide.or(file.cpuid_hide).unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn serial_specs() {
+        assert_eq!("stdout".parse(), Ok(SerialOutput::Stdout));
+        assert_eq!(
+            "file=/tmp/x".parse(),
+            Ok(SerialOutput::File("/tmp/x".into()))
+        );
+        assert!("file=".parse::<SerialOutput>().is_err());
+        assert!("tty".parse::<SerialOutput>().is_err());
+    }
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let file: ConfigFile =
+            serde_json::from_str(r#"{"memory": "1G", "cpus": 2, "cmdline": "a"}"#).unwrap();
+        let flags = Overrides {
+            cpus: Some(4),
+            ..Default::default()
+        };
+        let c = resolve(file, flags).unwrap();
+        assert_eq!(
+            (c.memory, c.cpus, c.cmdline.as_deref()),
+            (1 << 30, 4, Some("a"))
+        );
+        assert_eq!(c.serial, SerialOutput::Stdout);
+        let d = resolve(ConfigFile::default(), Overrides::default()).unwrap();
+        assert_eq!(
+            (d.memory, d.cpus, d.kernel),
+            (VmConfig::DEFAULT_MEMORY, 1, None)
+        );
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let bad_cpus = Overrides {
+            cpus: Some(0),
+            ..Default::default()
+        };
+        assert!(resolve(ConfigFile::default(), bad_cpus)
+            .unwrap_err()
+            .contains("--cpus"));
+        let many = Overrides {
+            cpus: Some(300),
+            ..Default::default()
+        };
+        assert!(resolve(ConfigFile::default(), many).is_err());
+        let t = Overrides {
+            timeout: Some(-1.0),
+            ..Default::default()
+        };
+        assert!(resolve(ConfigFile::default(), t).is_err());
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"memroy": "1G"}"#).is_err());
+        let bytes: ConfigFile = serde_json::from_str(r#"{"memory": 67108864}"#).unwrap();
+        assert_eq!(
+            resolve(bytes, Overrides::default()).unwrap().memory,
+            64 << 20
+        );
+    }
+}

@@ -1,0 +1,1 @@
+pub const PROBE_ELF: &[u8] = &[];

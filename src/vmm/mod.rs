@@ -1,0 +1,527 @@
+//! The VM builder: turns a `VmConfig` into a running VM, and runs it until
+//! the guest stops, fails or runs out of time.
+
+mod loader;
+mod memory;
+mod vcpu;
+mod wakeup;
+
+pub use loader::{detect_format, KernelFormat};
+pub use memory::GuestRam;
+pub use vcpu::unix_ns;
+
+use crate::config::{SerialOutput, VmConfig};
+use crate::error::{Context, Error, Kind, Result};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vcpu::{ExitCounters, Start, Vcpu, VcpuShared};
+use veil_arch::layout::*;
+use veil_arch::regs::{boot_fpu, boot_msrs, boot_regs, set_lint_pins, set_long_mode, EntryPoint};
+use veil_devices::legacy::{AcpiSleepControl, DebugExit, Serial, SerialInput, SerialSink, I8042};
+use veil_devices::{Bus, StopReason, StopSignal};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+/// Default command line for a Linux kernel when the user gives none.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// KVM's TSS and identity-map pages (needed on Intel hosts), just below the
+/// 4 GiB line and clear of every device.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub reason: StopReason,
+    pub report: RunReport,
+}
+
+/// Figures about a run, written with `--metrics`.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RunReport {
+    pub stop: String,
+    pub guest_status: Option<u8>,
+    pub process_start_unix_ns: u64,
+    pub first_entry_unix_ns: u64,
+    pub exits_pio: u64,
+    pub exits_mmio: u64,
+    pub exits_unclaimed: u64,
+    pub aps_woken: u64,
+    pub ap_wakeups_ignored: u64,
+    pub serial_lost_bytes: u64,
+    /// Resident memory that is not guest RAM: VMM heap, stacks, code.
+    pub rss_overhead_kib: u64,
+    pub guest_ram_resident_kib: u64,
+}
+
+pub struct Vm {
+    vm_fd: VmFd,
+    ram: GuestRam,
+    vcpus: Vec<Vcpu>,
+    starts: Vec<Start>,
+    shared: Arc<VcpuShared>,
+    serial: Arc<Mutex<Serial>>,
+    mailbox: Arc<Mutex<wakeup::WakeupMailbox>>,
+    stop: Arc<StopSignal>,
+    timeout: Option<Duration>,
+    started_unix_ns: u64,
+}
+
+fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => Error::new(
+            Kind::Unavailable,
+            "/dev/kvm does not exist: this host has no KVM (is the kvm module loaded?)",
+        ),
+        libc::EACCES | libc::EPERM => Error::new(
+            Kind::Unavailable,
+            "no permission to open /dev/kvm (add your user to the 'kvm' group)",
+        ),
+        _ => Error::new(Kind::Unavailable, format!("cannot open /dev/kvm: {e}")),
+    })
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |e| Error::new(Kind::Unavailable, format!("KVM: {what}: {e}"))
+}
+
+fn serial_sink(output: &SerialOutput) -> Result<SerialSink> {
+    Ok(match output {
+        SerialOutput::Stdout => SerialSink::Stdout,
+        SerialOutput::Off => SerialSink::Off,
+        SerialOutput::File(path) => {
+            SerialSink::File(File::create(path).context(Kind::NoInput, || {
+                format!("cannot create serial output file {}", path.display())
+            })?)
+        }
+    })
+}
+
+fn register_memory(vm_fd: &VmFd, ram: &GuestRam) -> Result<()> {
+    for (slot, region) in ram.kvm_view.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| Error::new(Kind::Software, format!("guest memory: {e}")))?;
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `ram`, which the Vm
+        // keeps alive for as long as the VM fd (and so KVM's use of it).
+        unsafe { vm_fd.set_user_memory_region(desc) }
+            .map_err(kvm_err("cannot register guest memory"))?;
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and prepares every vCPU.
+    pub fn build(config: &VmConfig, probe_elf: &[u8]) -> Result<Vm> {
+        let started_unix_ns = unix_ns();
+        let kvm = open_kvm()?;
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Pit2, "PIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::new(
+                    Kind::Unavailable,
+                    format!("KVM on this host lacks the {name} capability"),
+                ));
+            }
+        }
+        let max_vcpus = kvm.get_max_vcpus().min(usize::from(VmConfig::MAX_CPUS));
+        if usize::from(config.cpus) > max_vcpus {
+            return Err(Error::new(
+                Kind::Usage,
+                format!(
+                    "--cpus {} is more than this host's KVM allows ({max_vcpus})",
+                    config.cpus
+                ),
+            ));
+        }
+        let hidden = veil_arch::cpuid::resolve_hidden(&config.cpuid_hide)
+            .map_err(|e| Error::new(Kind::Usage, format!("--cpuid-hide: {e}")))?;
+        let ram = GuestRam::new(config.memory)?;
+
+        // The guest image, before any VM resources exist: bad input fails fast.
+        let mem = &ram.kvm_view;
+        let kernel = match &config.kernel {
+            Some(path) => loader::load_kernel_file(mem, path)?,
+            None => loader::load_kernel_bytes(mem, probe_elf, "the built-in test guest")?,
+        };
+        loader::check_fits(mem, &kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(loader::load_initrd(mem, path, ram.size, &kernel)?),
+            None => None,
+        };
+        let cmdline = match (&config.cmdline, &config.kernel) {
+            (Some(c), _) => c.clone(),
+            (None, Some(_)) => DEFAULT_LINUX_CMDLINE.to_string(),
+            (None, None) => String::new(),
+        };
+        let cmdline_size = loader::write_cmdline(mem, &cmdline)?;
+        let guest_err = |e: vm_memory::GuestMemoryError| {
+            Error::new(Kind::Data, format!("cannot write boot structures: {e}"))
+        };
+        veil_arch::regs::write_boot_gdt(mem).map_err(guest_err)?;
+        let cr3 = veil_arch::paging::write_identity_page_tables(mem).map_err(guest_err)?;
+        let acpi = veil_arch::acpi::AcpiConfig {
+            num_cpus: u32::from(config.cpus),
+            wakeup_mailbox: WAKEUP_MAILBOX_ADDR,
+            ioapic_addr: IOAPIC_ADDR,
+            sleep_control_port: ACPI_SLEEP_CONTROL_PORT,
+            sleep_status_port: ACPI_SLEEP_STATUS_PORT,
+            serial: Some((COM1_PORT, COM1_IRQ)),
+            virtio_mmio: Vec::new(),
+            pci_ecam: None,
+        };
+        veil_arch::acpi::write_acpi_tables(
+            mem,
+            vm_memory::GuestAddress(ACPI_START),
+            vm_memory::GuestAddress(ACPI_END),
+            &acpi,
+        )
+        .map_err(|e| Error::new(Kind::Software, format!("cannot write ACPI tables: {e}")))?;
+        let boot = veil_arch::boot_params::BootInfo {
+            setup_header: kernel.setup_header,
+            cmdline_size,
+            initrd,
+            rsdp_addr: ACPI_START,
+            ram_size: ram.size,
+        };
+        veil_arch::boot_params::write_boot_params(mem, &boot).map_err(guest_err)?;
+        log::info!(
+            "loaded {:?} kernel, entry {:#x}, end {:#x}, initrd {:?}",
+            kernel.format,
+            kernel.entry,
+            kernel.end,
+            initrd
+        );
+
+        let vm_fd = kvm.create_vm().map_err(kvm_err("cannot create VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDR)
+            .map_err(kvm_err("cannot set TSS address"))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("cannot set identity map address"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("cannot create in-kernel irqchip"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("cannot create PIT"))?;
+        register_memory(&vm_fd, &ram)?;
+
+        let stop = Arc::new(
+            StopSignal::new().context(Kind::Unavailable, || "cannot create eventfd".into())?,
+        );
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .context(Kind::Unavailable, || "cannot create eventfd".into())?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("cannot register the serial IRQ"))?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            serial_irq,
+            serial_sink(&config.serial)?,
+        )));
+
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let bus_err = |e: veil_devices::bus::BusError| {
+            Error::new(Kind::Software, format!("device layout: {e}"))
+        };
+        pio.insert(u64::from(COM1_PORT), 8, serial.clone())
+            .map_err(bus_err)?;
+        pio.insert(
+            u64::from(I8042_DATA_PORT),
+            5,
+            Arc::new(Mutex::new(I8042::new(stop.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            u64::from(DEBUG_EXIT_PORT),
+            4,
+            Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            u64::from(ACPI_SLEEP_CONTROL_PORT),
+            2,
+            Arc::new(Mutex::new(AcpiSleepControl::new(stop.clone()))),
+        )
+        .map_err(bus_err)?;
+
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("cannot read supported CPUID"))?;
+        let mut vcpus = Vec::new();
+        let mut starts = Vec::new();
+        let mut ap_senders = Vec::new();
+        for id in 0..config.cpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("cannot create vCPU"))?;
+            let mut cpuid = supported_cpuid.clone();
+            veil_arch::cpuid::filter_cpuid(&mut cpuid, id, config.cpus, &hidden);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("cannot set CPUID"))?;
+            fd.set_msrs(&boot_msrs())
+                .map_err(kvm_err("cannot set MSRs"))?;
+            fd.set_fpu(&boot_fpu())
+                .map_err(kvm_err("cannot set FPU state"))?;
+            let mut lapic = fd.get_lapic().map_err(kvm_err("cannot read LAPIC"))?;
+            set_lint_pins(&mut lapic);
+            fd.set_lapic(&lapic).map_err(kvm_err("cannot set LAPIC"))?;
+            if id == 0 {
+                let mut sregs = fd.get_sregs().map_err(kvm_err("cannot read sregs"))?;
+                set_long_mode(&mut sregs, cr3);
+                fd.set_sregs(&sregs).map_err(kvm_err("cannot set sregs"))?;
+                let entry = EntryPoint {
+                    rip: kernel.entry,
+                    rsp: BOOT_STACK_TOP,
+                    rsi: ZERO_PAGE_ADDR,
+                    rdi: 0,
+                };
+                fd.set_regs(&boot_regs(entry))
+                    .map_err(kvm_err("cannot set registers"))?;
+                starts.push(Start::Now);
+                ap_senders.push(None);
+            } else {
+                let (tx, rx) = mpsc::channel();
+                starts.push(Start::OnWakeup(rx));
+                ap_senders.push(Some(tx));
+            }
+            vcpus.push(Vcpu { id, fd });
+        }
+        let mailbox = Arc::new(Mutex::new(wakeup::WakeupMailbox::new(ap_senders)));
+        mmio.insert(WAKEUP_MAILBOX_ADDR, WAKEUP_MAILBOX_SIZE, mailbox.clone())
+            .map_err(bus_err)?;
+
+        let shared = Arc::new(VcpuShared {
+            pio,
+            mmio,
+            stop: stop.clone(),
+            exiting: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            counters: ExitCounters::default(),
+            cr3,
+            first_entry_unix_ns: AtomicU64::new(0),
+        });
+        Ok(Vm {
+            vm_fd,
+            ram,
+            vcpus,
+            starts,
+            shared,
+            serial,
+            mailbox,
+            stop,
+            timeout: config.timeout_secs.map(Duration::from_secs_f64),
+            started_unix_ns,
+        })
+    }
+
+    /// Runs the VM to its end. Returns the stop reason, or veil's error for a
+    /// vCPU failure or a timeout, and the run's figures.
+    pub fn run(self, stdin: Option<File>) -> (Result<StopReason>, RunReport) {
+        extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        let Vm {
+            vm_fd,
+            ram,
+            vcpus,
+            starts,
+            shared,
+            serial,
+            mailbox,
+            stop,
+            timeout,
+            started_unix_ns,
+        } = self;
+        if let Err(e) = register_signal_handler(SIGRTMIN(), kick) {
+            return (
+                Err(Error::new(
+                    Kind::Unavailable,
+                    format!("cannot install the vCPU kick signal: {e}"),
+                )),
+                RunReport::default(),
+            );
+        }
+        let mut threads = Vec::new();
+        let mut spawn_error = None;
+        for (vcpu, start) in vcpus.into_iter().zip(starts) {
+            let s = shared.clone();
+            match std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id))
+                .spawn(move || vcpu.run(start, s))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_error = Some(Error::new(
+                        Kind::Unavailable,
+                        format!("cannot start a vCPU thread: {e}"),
+                    ));
+                    break;
+                }
+            }
+        }
+        let result = match spawn_error {
+            Some(e) => Err(e),
+            None => wait_for_stop(&stop, serial.clone(), stdin, timeout),
+        };
+        shared.exiting.store(true, Ordering::Release);
+        stop_vcpus(&threads);
+        let failure = shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let result = match (result, failure) {
+            (Ok(_), Some(f)) => Err(f),
+            (Ok(StopReason::Failed), None) => Err(Error::new(Kind::Software, "the VM failed")),
+            (r, _) => r,
+        };
+        let mailbox = mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        let c = &shared.counters;
+        let (rss, shmem) = rss_kib();
+        let report = RunReport {
+            stop: match &result {
+                Ok(r) => format!("{r:?}"),
+                Err(e) => format!("error: {e}"),
+            },
+            guest_status: match &result {
+                Ok(StopReason::DebugExit(s)) => Some(*s),
+                _ => None,
+            },
+            process_start_unix_ns: started_unix_ns,
+            first_entry_unix_ns: shared.first_entry_unix_ns.load(Ordering::Relaxed),
+            exits_pio: c.pio.load(Ordering::Relaxed),
+            exits_mmio: c.mmio.load(Ordering::Relaxed),
+            exits_unclaimed: c.unclaimed.load(Ordering::Relaxed),
+            aps_woken: mailbox.woken,
+            ap_wakeups_ignored: mailbox.ignored,
+            serial_lost_bytes: serial.lock().unwrap_or_else(|e| e.into_inner()).lost_bytes,
+            rss_overhead_kib: rss.saturating_sub(shmem),
+            guest_ram_resident_kib: shmem,
+        };
+        // vCPU threads that never came back may still use guest memory:
+        // leave it (and the VM) mapped until the process exits.
+        std::mem::forget(ram);
+        std::mem::forget(vm_fd);
+        (result, report)
+    }
+}
+
+/// (VmRSS, RssShmem) of this process in KiB. Guest RAM is a memfd, so it
+/// shows as shared memory; everything else is veil's own overhead.
+fn rss_kib() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssShmem:"))
+}
+
+/// Wakes the main loop when a device asks the VM to stop.
+struct StopWatcher {
+    stop: Arc<StopSignal>,
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.stop.event().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(
+            self.stop.event(),
+            vmm_sys_util::epoll::EventSet::IN,
+        )) {
+            log::error!("cannot watch the stop event: {e:?}");
+        }
+    }
+}
+
+/// The main thread's loop: device events (host stdin) until the VM stops
+/// or the timeout passes.
+fn wait_for_stop(
+    stop: &Arc<StopSignal>,
+    serial: Arc<Mutex<Serial>>,
+    stdin: Option<File>,
+    timeout: Option<Duration>,
+) -> Result<StopReason> {
+    let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
+        .map_err(|e| {
+            Error::new(
+                Kind::Unavailable,
+                format!("cannot create the event loop: {e:?}"),
+            )
+        })?;
+    manager.add_subscriber(Box::new(StopWatcher { stop: stop.clone() }));
+    if let Some(input) = stdin {
+        manager.add_subscriber(Box::new(SerialInput::new(serial, input)));
+    }
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        if let Some(reason) = stop.reason() {
+            return Ok(reason);
+        }
+        let wait_ms = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let secs = timeout.map_or(0.0, |t| t.as_secs_f64());
+                    return Err(Error::new(
+                        Kind::Timeout,
+                        format!("the guest did not finish within {secs} s (--timeout)"),
+                    ));
+                }
+                left.as_millis().clamp(1, 1000) as i32
+            }
+            None => 1000,
+        };
+        if let Err(e) = manager.run_with_timeout(wait_ms) {
+            log::warn!("event loop: {e:?}");
+        }
+    }
+}
+
+/// Kicks every vCPU out of KVM_RUN until it notices the VM is exiting. A
+/// vCPU that never comes back (a guest spinning inside KVM) is left behind:
+/// the process exits around it.
+fn stop_vcpus(threads: &[JoinHandle<()>]) {
+    let give_up = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < give_up {
+        let running: Vec<&JoinHandle<()>> = threads.iter().filter(|t| !t.is_finished()).collect();
+        if running.is_empty() {
+            return;
+        }
+        for t in running {
+            let _ = t.kill(SIGRTMIN());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stuck = threads.iter().filter(|t| !t.is_finished()).count();
+    log::warn!("{stuck} vCPU thread(s) did not leave KVM_RUN; exiting without them");
+}
