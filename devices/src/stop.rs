@@ -8,7 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum StopReason {
     /// ACPI S5 power off.
     PowerOff,
-    /// i8042 reset, or a triple fault.
+    /// i8042 reset.
     Reset,
     /// The test guest wrote its status to the debug-exit port.
     DebugExit(u8),

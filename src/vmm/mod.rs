@@ -130,35 +130,12 @@ impl Vm {
     /// Creates the VM, loads the guest and prepares every vCPU.
     pub fn build(config: &VmConfig, probe_elf: &[u8]) -> Result<Vm> {
         let started_unix_ns = unix_ns();
-        let kvm = open_kvm()?;
-        for (cap, name) in [
-            (Cap::Irqchip, "in-kernel irqchip"),
-            (Cap::UserMemory, "user memory"),
-            (Cap::Irqfd, "irqfd"),
-            (Cap::Pit2, "PIT"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(Error::new(
-                    Kind::Unavailable,
-                    format!("KVM on this host lacks the {name} capability"),
-                ));
-            }
-        }
-        let max_vcpus = kvm.get_max_vcpus().min(usize::from(VmConfig::MAX_CPUS));
-        if usize::from(config.cpus) > max_vcpus {
-            return Err(Error::new(
-                Kind::Usage,
-                format!(
-                    "--cpus {} is more than this host's KVM allows ({max_vcpus})",
-                    config.cpus
-                ),
-            ));
-        }
         let hidden = veil_arch::cpuid::resolve_hidden(&config.cpuid_hide)
             .map_err(|e| Error::new(Kind::Usage, format!("--cpuid-hide: {e}")))?;
         let ram = GuestRam::new(config.memory)?;
 
-        // The guest image, before any VM resources exist: bad input fails fast.
+        // The guest image first, before any KVM resource: bad input fails
+        // the same way on a host without KVM.
         let mem = &ram.kvm_view;
         let kernel = match &config.kernel {
             Some(path) => loader::load_kernel_file(mem, path)?,
@@ -213,6 +190,31 @@ impl Vm {
             initrd
         );
 
+        // User input is all checked; now the host.
+        let kvm = open_kvm()?;
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Pit2, "PIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::new(
+                    Kind::Unavailable,
+                    format!("KVM on this host lacks the {name} capability"),
+                ));
+            }
+        }
+        let max_vcpus = kvm.get_max_vcpus().min(usize::from(VmConfig::MAX_CPUS));
+        if usize::from(config.cpus) > max_vcpus {
+            return Err(Error::new(
+                Kind::Usage,
+                format!(
+                    "--cpus {} is more than this host's KVM allows ({max_vcpus})",
+                    config.cpus
+                ),
+            ));
+        }
         let vm_fd = kvm.create_vm().map_err(kvm_err("cannot create VM"))?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDR)
