@@ -182,7 +182,7 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
 ) -> Result<GuestAddress, AcpiError> {
     validate(cfg)?;
     let start = rsdp_addr.0;
-    if start % RSDP_ALIGN != 0 {
+    if !start.is_multiple_of(RSDP_ALIGN) {
         return Err(AcpiError::RsdpAlignment(start));
     }
 
@@ -285,7 +285,7 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
     if cfg.num_cpus == 0 || cfg.num_cpus > MAX_CPUS {
         return Err(AcpiError::CpuCount(cfg.num_cpus));
     }
-    if cfg.wakeup_mailbox % MAILBOX_ALIGN != 0 {
+    if !cfg.wakeup_mailbox.is_multiple_of(MAILBOX_ALIGN) {
         return Err(config_error(format!(
             "wakeup mailbox {:#x} is not 4 KiB aligned",
             cfg.wakeup_mailbox
@@ -603,4 +603,759 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut dsdt = new_sdt(*b"DSDT", DSDT_REVISION);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    const RSDP_ADDR: u64 = 0xE_0000;
+    const LIMIT: u64 = 0x10_0000;
+    const MAILBOX: u64 = 0xFEB0_0000;
+    const ECAM_BASE: u64 = 0xE000_0000;
+
+    fn memory(size: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    /// The platform of docs/platform.md, without PCI.
+    fn platform(num_cpus: u32) -> AcpiConfig {
+        AcpiConfig {
+            num_cpus,
+            wakeup_mailbox: MAILBOX,
+            ioapic_addr: 0xFEC0_0000,
+            sleep_control_port: 0x600,
+            sleep_status_port: 0x601,
+            serial: Some((0x3F8, 4)),
+            virtio_mmio: vec![
+                VirtioMmioDevice {
+                    base: 0xD000_0000,
+                    size: 0x1000,
+                    irq: 5,
+                },
+                VirtioMmioDevice {
+                    base: 0xD000_1000,
+                    size: 0x1000,
+                    irq: 6,
+                },
+            ],
+            pci_ecam: None,
+        }
+    }
+
+    fn with_pci(mut cfg: AcpiConfig) -> AcpiConfig {
+        cfg.pci_ecam = Some(PciEcam {
+            base: ECAM_BASE,
+            segment: 0,
+            bus_start: 0,
+            bus_end: 255,
+            mmio32: (0xC000_0000, 0x1000_0000),
+            io: Some((0x1000, 0xF000)),
+        });
+        cfg
+    }
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    // ---- A table walker: everything below is found from the RSDP. ----
+
+    struct Table {
+        addr: u64,
+        bytes: Vec<u8>,
+    }
+
+    impl Table {
+        fn read(mem: &GuestMemoryMmap, addr: u64) -> Table {
+            let header = read(mem, addr, HEADER_LEN);
+            let len = u32_at(&header, 4) as usize;
+            assert!(len >= HEADER_LEN, "table at {addr:#x} is {len} bytes");
+            Table {
+                addr,
+                bytes: read(mem, addr, len),
+            }
+        }
+
+        fn signature(&self) -> &[u8] {
+            &self.bytes[0..4]
+        }
+
+        fn revision(&self) -> u8 {
+            self.bytes[8]
+        }
+
+        fn end(&self) -> u64 {
+            self.addr + self.bytes.len() as u64
+        }
+    }
+
+    struct Tables {
+        rsdp: Vec<u8>,
+        xsdt: Table,
+        /// What the XSDT lists, in its order.
+        listed: Vec<Table>,
+        dsdt: Table,
+    }
+
+    impl Tables {
+        fn walk(mem: &GuestMemoryMmap, rsdp_addr: u64) -> Tables {
+            let rsdp = read(mem, rsdp_addr, 36);
+            assert_eq!(&rsdp[0..8], b"RSD PTR ");
+            let xsdt = Table::read(mem, u64_at(&rsdp, 24));
+            assert_eq!(xsdt.signature(), b"XSDT");
+            let listed: Vec<Table> = (HEADER_LEN..xsdt.bytes.len())
+                .step_by(8)
+                .map(|off| Table::read(mem, u64_at(&xsdt.bytes, off)))
+                .collect();
+            let fadt = listed
+                .iter()
+                .find(|t| t.signature() == b"FACP")
+                .expect("XSDT lists no FADT");
+            let dsdt = Table::read(mem, u64_at(&fadt.bytes, 140));
+            Tables {
+                rsdp,
+                xsdt,
+                listed,
+                dsdt,
+            }
+        }
+
+        fn get(&self, signature: &[u8; 4]) -> &Table {
+            self.listed
+                .iter()
+                .find(|t| t.signature() == signature)
+                .unwrap_or_else(|| panic!("no {} table", String::from_utf8_lossy(signature)))
+        }
+
+        fn signatures(&self) -> Vec<String> {
+            self.listed
+                .iter()
+                .map(|t| String::from_utf8_lossy(t.signature()).into_owned())
+                .collect()
+        }
+
+        fn all(&self) -> Vec<&Table> {
+            let mut all = vec![&self.xsdt, &self.dsdt];
+            all.extend(self.listed.iter());
+            all
+        }
+    }
+
+    fn write_and_walk(cfg: &AcpiConfig) -> (GuestMemoryMmap, Tables, u64) {
+        let mem = memory(LIMIT as usize);
+        let end = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), cfg)
+            .expect("writing ACPI tables");
+        let tables = Tables::walk(&mem, RSDP_ADDR);
+        (mem, tables, end.0)
+    }
+
+    /// MADT interrupt controller structures: (type, whole structure).
+    fn madt_entries(madt: &Table) -> Vec<(u8, &[u8])> {
+        let b = &madt.bytes;
+        let mut entries = Vec::new();
+        let mut off = 44;
+        while off < b.len() {
+            let len = b[off + 1] as usize;
+            assert!(len >= 2 && off + len <= b.len(), "bad MADT entry at {off}");
+            entries.push((b[off], &b[off..off + len]));
+            off += len;
+        }
+        entries
+    }
+
+    // ---- A small AML reader for what build_dsdt emits. ----
+
+    /// Decodes a PkgLength: (length including its own bytes, bytes it takes).
+    fn pkg_length(b: &[u8]) -> (usize, usize) {
+        let lead = b[0];
+        let follow = usize::from(lead >> 6);
+        if follow == 0 {
+            return (usize::from(lead & 0x3F), 1);
+        }
+        let mut len = usize::from(lead & 0x0F);
+        for i in 0..follow {
+            len |= usize::from(b[1 + i]) << (4 + 8 * i);
+        }
+        (len, 1 + follow)
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Value {
+        Int(u64),
+        Str(String),
+        Buffer(Vec<u8>),
+        Package(Vec<Value>),
+    }
+
+    /// Parses one data object; returns it and the bytes it took.
+    fn data_object(b: &[u8]) -> (Value, usize) {
+        match b[0] {
+            0x00 => (Value::Int(0), 1),
+            0x01 => (Value::Int(1), 1),
+            0x0A => (Value::Int(b[1].into()), 2),
+            0x0B => (Value::Int(u16_at(b, 1).into()), 3),
+            0x0C => (Value::Int(u32_at(b, 1).into()), 5),
+            0x0E => (Value::Int(u64_at(b, 1)), 9),
+            0x0D => {
+                let nul = b[1..].iter().position(|&c| c == 0).unwrap();
+                let s = String::from_utf8(b[1..1 + nul].to_vec()).unwrap();
+                (Value::Str(s), nul + 2)
+            }
+            0x11 => {
+                let (len, n) = pkg_length(&b[1..]);
+                let (size, m) = data_object(&b[1 + n..]);
+                let Value::Int(size) = size else {
+                    panic!("buffer size is not an integer")
+                };
+                let data = &b[1 + n + m..1 + len];
+                assert_eq!(data.len() as u64, size, "buffer size disagrees");
+                (Value::Buffer(data.to_vec()), 1 + len)
+            }
+            0x12 => {
+                let (len, n) = pkg_length(&b[1..]);
+                let count = b[1 + n];
+                let mut elements = Vec::new();
+                let mut off = 2 + n;
+                while off < 1 + len {
+                    let (v, used) = data_object(&b[off..]);
+                    elements.push(v);
+                    off += used;
+                }
+                assert_eq!(off, 1 + len, "package overruns its length");
+                assert_eq!(elements.len(), usize::from(count));
+                (Value::Package(elements), 1 + len)
+            }
+            op => panic!("unexpected AML opcode {op:#x}"),
+        }
+    }
+
+    /// `Name(NNNN, data)`: (name, value, bytes taken).
+    fn name_object(b: &[u8]) -> (String, Value, usize) {
+        assert_eq!(b[0], 0x08, "expected NameOp");
+        let name = String::from_utf8(b[1..5].to_vec()).unwrap();
+        let (value, used) = data_object(&b[5..]);
+        (name, value, 5 + used)
+    }
+
+    struct AmlDevice {
+        name: String,
+        objects: Vec<(String, Value)>,
+    }
+
+    impl AmlDevice {
+        fn get(&self, name: &str) -> &Value {
+            &self
+                .objects
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("{} has no {name}", self.name))
+                .1
+        }
+
+        fn int(&self, name: &str) -> u64 {
+            match self.get(name) {
+                Value::Int(v) => *v,
+                v => panic!("{}.{name} is {v:?}", self.name),
+            }
+        }
+
+        fn resources(&self) -> Vec<(u8, Vec<u8>)> {
+            match self.get("_CRS") {
+                Value::Buffer(b) => resource_descriptors(b),
+                v => panic!("{}._CRS is {v:?}", self.name),
+            }
+        }
+    }
+
+    /// Resource descriptors up to the end tag: (large item name or small
+    /// item tag, payload).
+    fn resource_descriptors(b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        loop {
+            let tag = b[off];
+            if tag & 0x80 != 0 {
+                let len = usize::from(u16_at(b, off + 1));
+                out.push((tag, b[off + 3..off + 3 + len].to_vec()));
+                off += 3 + len;
+            } else {
+                let kind = (tag >> 3) & 0x0F;
+                let len = usize::from(tag & 0x07);
+                if kind == 0x0F {
+                    assert_eq!(off + 2, b.len(), "bytes after the end tag");
+                    return out;
+                }
+                out.push((tag, b[off + 1..off + 1 + len].to_vec()));
+                off += 1 + len;
+            }
+        }
+    }
+
+    /// The DSDT: top-level names, then `Scope(\_SB_) { Device ... }`.
+    fn parse_dsdt(dsdt: &Table) -> (Vec<(String, Value)>, Vec<AmlDevice>) {
+        let b = &dsdt.bytes[HEADER_LEN..];
+        let mut names = Vec::new();
+        let mut off = 0;
+        while b[off] == 0x08 {
+            let (name, value, used) = name_object(&b[off..]);
+            names.push((name, value));
+            off += used;
+        }
+        assert_eq!(b[off], 0x10, "expected ScopeOp");
+        let (len, n) = pkg_length(&b[off + 1..]);
+        let scope_end = off + 1 + len;
+        assert_eq!(scope_end, b.len(), "\\_SB_ must end the DSDT exactly");
+        assert_eq!(&b[off + 1 + n..off + 1 + n + 5], b"\\_SB_");
+        let mut devices = Vec::new();
+        let mut off = off + 1 + n + 5;
+        while off < scope_end {
+            assert_eq!(&b[off..off + 2], &[0x5B, 0x82], "expected DeviceOp");
+            let (len, n) = pkg_length(&b[off + 2..]);
+            let dev_end = off + 2 + len;
+            let name = String::from_utf8(b[off + 2 + n..off + 2 + n + 4].to_vec()).unwrap();
+            let mut objects = Vec::new();
+            let mut inner = off + 2 + n + 4;
+            while inner < dev_end {
+                let (obj, value, used) = name_object(&b[inner..]);
+                objects.push((obj, value));
+                inner += used;
+            }
+            assert_eq!(inner, dev_end, "{name} overruns its length");
+            devices.push(AmlDevice { name, objects });
+            off = dev_end;
+        }
+        assert_eq!(off, scope_end);
+        (names, devices)
+    }
+
+    /// EISA ID compression, written independently of acpi_tables.
+    fn eisa_id(id: &str) -> u64 {
+        let b = id.as_bytes();
+        let letter = |c: u8| u32::from(c - b'@');
+        let raw = (letter(b[0]) << 26)
+            | (letter(b[1]) << 21)
+            | (letter(b[2]) << 16)
+            | u32::from_str_radix(&id[3..], 16).unwrap();
+        raw.swap_bytes().into()
+    }
+
+    fn find<'a>(devices: &'a [AmlDevice], name: &str) -> &'a AmlDevice {
+        devices
+            .iter()
+            .find(|d| d.name == name)
+            .unwrap_or_else(|| panic!("no device {name}"))
+    }
+
+    // ---- Tests ----
+
+    #[test]
+    fn eisa_id_helper_matches_known_value() {
+        assert_eq!(eisa_id("PNP0A03"), 0x030A_D041);
+    }
+
+    #[test]
+    fn every_checksum_sums_to_zero() {
+        for cfg in [platform(1), with_pci(platform(8)), platform(MAX_CPUS)] {
+            let (_, tables, _) = write_and_walk(&cfg);
+            assert_eq!(sum(&tables.rsdp[..20]), 0, "RSDP checksum");
+            assert_eq!(sum(&tables.rsdp), 0, "RSDP extended checksum");
+            for table in tables.all() {
+                assert_eq!(
+                    sum(&table.bytes),
+                    0,
+                    "{} checksum",
+                    String::from_utf8_lossy(table.signature())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rsdp_is_revision_2_and_points_at_the_xsdt() {
+        let (_, tables, end) = write_and_walk(&platform(2));
+        let rsdp = &tables.rsdp;
+        assert_eq!(&rsdp[0..8], b"RSD PTR ");
+        assert_eq!(&rsdp[9..15], b"VEIL  ");
+        assert_eq!(rsdp[15], 2, "revision");
+        assert_eq!(u32_at(rsdp, 16), 0, "no RSDT");
+        assert_eq!(u32_at(rsdp, 20), 36, "length");
+        let xsdt = u64_at(rsdp, 24);
+        assert_eq!(xsdt, tables.xsdt.addr);
+        assert!(xsdt >= RSDP_ADDR + 36 && xsdt < end);
+        assert_eq!(tables.xsdt.signature(), b"XSDT");
+    }
+
+    #[test]
+    fn xsdt_lists_fadt_madt_and_mcfg_only_with_pci() {
+        let (_, tables, _) = write_and_walk(&platform(1));
+        assert_eq!(tables.signatures(), ["FACP", "APIC"]);
+        let (_, tables, _) = write_and_walk(&with_pci(platform(1)));
+        assert_eq!(tables.signatures(), ["FACP", "APIC", "MCFG"]);
+    }
+
+    #[test]
+    fn tables_are_aligned_disjoint_and_inside_the_area() {
+        let (_, tables, end) = write_and_walk(&with_pci(platform(8)));
+        let mut spans: Vec<(u64, u64)> = tables.all().iter().map(|t| (t.addr, t.end())).collect();
+        spans.push((RSDP_ADDR, RSDP_ADDR + 36));
+        spans.sort();
+        for pair in spans.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "tables overlap: {pair:x?}");
+        }
+        for (start, stop) in &spans {
+            assert_eq!(start % TABLE_ALIGN, 0);
+            assert!(*start >= RSDP_ADDR && *stop <= end);
+        }
+        assert_eq!(spans.last().unwrap().1, end, "end is the last table's end");
+    }
+
+    #[test]
+    fn madt_has_one_local_apic_per_cpu_and_the_wakeup_mailbox() {
+        for num_cpus in [1u32, 8] {
+            let (_, tables, _) = write_and_walk(&platform(num_cpus));
+            let madt = tables.get(b"APIC");
+            assert!(madt.revision() >= 5, "MP wakeup needs MADT revision 5");
+            assert_eq!(u32_at(&madt.bytes, 36), 0xFEE0_0000, "LAPIC address");
+            assert_eq!(u32_at(&madt.bytes, 40) & 1, 1, "PCAT_COMPAT");
+            let entries = madt_entries(madt);
+
+            let lapics: Vec<&[u8]> = entries
+                .iter()
+                .filter(|(t, _)| *t == 0)
+                .map(|(_, e)| *e)
+                .collect();
+            assert_eq!(lapics.len(), num_cpus as usize);
+            for (cpu, lapic) in lapics.iter().enumerate() {
+                assert_eq!(lapic.len(), 8);
+                assert_eq!(usize::from(lapic[2]), cpu, "processor UID");
+                assert_eq!(usize::from(lapic[3]), cpu, "APIC ID");
+                assert_eq!(u32_at(lapic, 4), 1, "enabled");
+            }
+
+            let ioapics: Vec<&[u8]> = entries
+                .iter()
+                .filter(|(t, _)| *t == 1)
+                .map(|(_, e)| *e)
+                .collect();
+            assert_eq!(ioapics.len(), 1);
+            assert_eq!(ioapics[0].len(), 12);
+            assert_eq!(u32_at(ioapics[0], 4), 0xFEC0_0000);
+            assert_eq!(u32_at(ioapics[0], 8), 0, "GSI base");
+
+            let wakeups: Vec<&[u8]> = entries
+                .iter()
+                .filter(|(t, _)| *t == 0x10)
+                .map(|(_, e)| *e)
+                .collect();
+            assert_eq!(wakeups.len(), 1);
+            let wakeup = wakeups[0];
+            assert_eq!(wakeup.len(), 16);
+            assert_eq!(u16_at(wakeup, 2), 0, "mailbox version");
+            assert_eq!(u32_at(wakeup, 4), 0, "reserved");
+            assert_eq!(u64_at(wakeup, 8), MAILBOX);
+
+            assert!(
+                entries.iter().all(|(t, _)| [0, 1, 0x10].contains(t)),
+                "unexpected MADT entry types: {:?}",
+                entries.iter().map(|(t, _)| t).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_and_points_at_the_dsdt() {
+        let (_, tables, _) = write_and_walk(&platform(1));
+        let fadt = tables.get(b"FACP");
+        let b = &fadt.bytes;
+        assert_eq!(b.len(), 276, "ACPI 6 FADT length");
+        assert_eq!(fadt.revision(), 6);
+        assert_eq!(b[131], 5, "FADT minor version");
+        let flags = u32_at(b, 112);
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_eq!(u32_at(b, 40), 0, "32-bit DSDT pointer unused");
+        assert_eq!(u64_at(b, 140), tables.dsdt.addr);
+        assert_eq!(tables.dsdt.signature(), b"DSDT");
+
+        let boot_arch = u16_at(b, 109);
+        assert_ne!(boot_arch & (1 << 1), 0, "8042 present");
+        assert_ne!(boot_arch & (1 << 2), 0, "VGA not present");
+        assert_eq!(boot_arch & (1 << 3), 0, "MSI must stay allowed");
+
+        // SLEEP_CONTROL_REG and SLEEP_STATUS_REG: SystemIO, 8 bits, byte access.
+        for (off, port) in [(244, 0x600u64), (256, 0x601)] {
+            assert_eq!(&b[off..off + 4], &[1, 8, 0, 1], "GAS at {off}");
+            assert_eq!(u64_at(b, off + 4), port);
+        }
+        // No PM1 blocks or PM timer.
+        assert_eq!(u32_at(b, 56), 0);
+        assert_eq!(u32_at(b, 64), 0);
+        assert_eq!(u32_at(b, 76), 0);
+        assert_eq!(&b[268..276], b"VEIL    ", "hypervisor vendor identity");
+    }
+
+    #[test]
+    fn dsdt_has_s5_and_describes_the_devices() {
+        let cfg = platform(4);
+        let (_, tables, _) = write_and_walk(&cfg);
+        let dsdt = &tables.dsdt;
+        assert!(dsdt.bytes.windows(4).any(|w| w == b"_S5_"));
+        assert_eq!(dsdt.revision(), 2);
+
+        let (names, devices) = parse_dsdt(dsdt);
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].0, "_S5_");
+        let Value::Package(s5) = &names[0].1 else {
+            panic!("_S5_ is not a package")
+        };
+        assert_eq!(s5[0], Value::Int(5), "SLP_TYPa");
+
+        let cpus: Vec<&AmlDevice> = devices
+            .iter()
+            .filter(|d| d.get("_HID") == &Value::Str("ACPI0007".into()))
+            .collect();
+        assert_eq!(cpus.len(), 4);
+        for (i, cpu) in cpus.iter().enumerate() {
+            assert_eq!(cpu.int("_UID"), i as u64, "{}", cpu.name);
+        }
+
+        let com1 = find(&devices, "COM1");
+        assert_eq!(com1.int("_HID"), eisa_id("PNP0501"));
+        let crs = com1.resources();
+        assert_eq!(crs.len(), 2);
+        assert_eq!(crs[0].0, 0x47, "I/O port descriptor");
+        assert_eq!(u16_at(&crs[0].1, 1), 0x3F8, "min");
+        assert_eq!(u16_at(&crs[0].1, 3), 0x3F8, "max");
+        assert_eq!(crs[0].1[6], 8, "length");
+        assert_eq!(crs[1].0, 0x89, "extended interrupt descriptor");
+        assert_eq!(crs[1].1[0] & 0b110, 0b010, "edge, active-high");
+        assert_eq!(u32_at(&crs[1].1, 2), 4);
+
+        for (i, dev) in cfg.virtio_mmio.iter().enumerate() {
+            let v = find(&devices, &format!("V{i:03X}"));
+            assert_eq!(v.get("_HID"), &Value::Str("LNRO0005".into()));
+            assert_eq!(v.int("_UID"), i as u64);
+            let crs = v.resources();
+            assert_eq!(crs[0].0, 0x86, "32-bit fixed memory descriptor");
+            assert_eq!(u64::from(u32_at(&crs[0].1, 1)), dev.base);
+            assert_eq!(u64::from(u32_at(&crs[0].1, 5)), dev.size);
+            assert_eq!(crs[1].0, 0x89);
+            assert_eq!(u32_at(&crs[1].1, 2), dev.irq);
+        }
+        assert!(devices.iter().all(|d| d.name != "PCI0"));
+    }
+
+    #[test]
+    fn pci_gets_an_mcfg_entry_and_a_host_bridge() {
+        let cfg = with_pci(platform(1));
+        let (_, tables, _) = write_and_walk(&cfg);
+        let mcfg = tables.get(b"MCFG");
+        assert_eq!(mcfg.bytes.len(), 44 + 16);
+        let entry = &mcfg.bytes[44..];
+        assert_eq!(u64_at(entry, 0), ECAM_BASE);
+        assert_eq!(u16_at(entry, 8), 0, "segment");
+        assert_eq!((entry[10], entry[11]), (0, 255), "bus range");
+
+        let (_, devices) = parse_dsdt(&tables.dsdt);
+        let pci = find(&devices, "PCI0");
+        assert_eq!(pci.int("_HID"), eisa_id("PNP0A08"));
+        assert_eq!(pci.int("_CID"), eisa_id("PNP0A03"));
+        assert_eq!(pci.int("_SEG"), 0);
+        assert_eq!(pci.int("_BBN"), 0);
+        let crs = pci.resources();
+        // Word bus number, DWord memory, Word I/O; all produced by the bridge.
+        assert_eq!(crs.len(), 3);
+        assert_eq!((crs[0].0, crs[0].1[0]), (0x88, 2), "bus numbers");
+        assert_eq!((u16_at(&crs[0].1, 5), u16_at(&crs[0].1, 7)), (0, 255));
+        assert_eq!((crs[1].0, crs[1].1[0]), (0x87, 0), "memory");
+        assert_eq!(u32_at(&crs[1].1, 7), 0xC000_0000, "min");
+        assert_eq!(u32_at(&crs[1].1, 11), 0xCFFF_FFFF, "max");
+        assert_eq!(u32_at(&crs[1].1, 19), 0x1000_0000, "length");
+        assert_eq!((crs[2].0, crs[2].1[0]), (0x88, 1), "I/O");
+        assert_eq!(
+            (u16_at(&crs[2].1, 5), u16_at(&crs[2].1, 7)),
+            (0x1000, 0xFFFF)
+        );
+        for (_, desc) in &crs {
+            assert_eq!(desc[1] & 1, 0, "bridge windows are producers");
+        }
+
+        let mbrd = find(&devices, "MBRD");
+        assert_eq!(mbrd.int("_HID"), eisa_id("PNP0C02"));
+        let crs = mbrd.resources();
+        assert_eq!(crs[0].0, 0x86);
+        assert_eq!(u64::from(u32_at(&crs[0].1, 1)), ECAM_BASE);
+        assert_eq!(u32_at(&crs[0].1, 5), 256 << 20);
+    }
+
+    #[test]
+    fn ecam_reservation_covers_only_the_configured_buses() {
+        let mut cfg = with_pci(platform(1));
+        let pci = cfg.pci_ecam.as_mut().unwrap();
+        pci.bus_start = 1;
+        pci.bus_end = 4;
+        pci.io = None;
+        let (_, tables, _) = write_and_walk(&cfg);
+        let (_, devices) = parse_dsdt(&tables.dsdt);
+        let crs = find(&devices, "MBRD").resources();
+        assert_eq!(u64::from(u32_at(&crs[0].1, 1)), ECAM_BASE + (1 << 20));
+        assert_eq!(u32_at(&crs[0].1, 5), 4 << 20);
+        let pci = find(&devices, "PCI0");
+        assert_eq!(pci.int("_BBN"), 1);
+        assert_eq!(pci.resources().len(), 2, "no I/O window");
+    }
+
+    #[test]
+    fn virtio_mmio_above_4gib_uses_a_qword_descriptor() {
+        let mut cfg = platform(1);
+        cfg.virtio_mmio = vec![VirtioMmioDevice {
+            base: 0x1_0000_0000,
+            size: 0x200,
+            irq: 7,
+        }];
+        let (_, tables, _) = write_and_walk(&cfg);
+        let (_, devices) = parse_dsdt(&tables.dsdt);
+        let crs = find(&devices, "V000").resources();
+        assert_eq!(crs[0].0, 0x8A);
+        assert_eq!(u64_at(&crs[0].1, 11), 0x1_0000_0000, "min");
+        assert_eq!(u64_at(&crs[0].1, 35), 0x200, "length");
+    }
+
+    #[test]
+    fn no_devices_still_gives_a_valid_dsdt() {
+        let mut cfg = platform(1);
+        cfg.serial = None;
+        cfg.virtio_mmio.clear();
+        let (_, tables, _) = write_and_walk(&cfg);
+        let (names, devices) = parse_dsdt(&tables.dsdt);
+        assert_eq!(names[0].0, "_S5_");
+        assert_eq!(devices.len(), 1, "only the CPU");
+    }
+
+    #[test]
+    fn the_limit_is_exclusive_and_enforced_without_writing() {
+        let cfg = with_pci(platform(8));
+        let (_, _, end) = write_and_walk(&cfg);
+
+        // Exactly enough room.
+        let mem = memory(LIMIT as usize);
+        let got = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(end), &cfg);
+        assert_eq!(got.unwrap().0, end);
+
+        // One byte short, or far too little: an error, and memory untouched.
+        for limit in [end - 1, RSDP_ADDR + 64, RSDP_ADDR] {
+            let mem = memory(LIMIT as usize);
+            let err = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(limit), &cfg)
+                .unwrap_err();
+            match err {
+                AcpiError::NoSpace { end: need, .. } => assert_eq!(need, end),
+                e => panic!("unexpected error {e}"),
+            }
+            assert!(read(&mem, RSDP_ADDR, 0x1000).iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn many_cpus_and_devices_overflow_a_small_area() {
+        let mut cfg = platform(MAX_CPUS);
+        cfg.virtio_mmio = (0..0x800)
+            .map(|i| VirtioMmioDevice {
+                base: 0xD000_0000 + i * 0x200,
+                size: 0x200,
+                irq: 5,
+            })
+            .collect();
+        let mem = memory(LIMIT as usize);
+        let err = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), &cfg);
+        assert!(matches!(err, Err(AcpiError::NoSpace { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn an_area_outside_guest_memory_is_an_error() {
+        let mem = memory(0xE_0100);
+        let err = write_acpi_tables(
+            &mem,
+            GuestAddress(RSDP_ADDR),
+            GuestAddress(LIMIT),
+            &platform(1),
+        );
+        assert!(
+            matches!(err, Err(AcpiError::NotInGuestMemory { .. })),
+            "{err:?}"
+        );
+        let err = write_acpi_tables(
+            &mem,
+            GuestAddress(u64::MAX - 15),
+            GuestAddress(u64::MAX),
+            &platform(1),
+        );
+        assert!(matches!(err, Err(AcpiError::NoSpace { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn invalid_configurations_are_rejected() {
+        let mem = memory(LIMIT as usize);
+        let write = |cfg: &AcpiConfig| {
+            write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), cfg)
+        };
+        assert!(matches!(write(&platform(0)), Err(AcpiError::CpuCount(0))));
+        assert!(matches!(
+            write(&platform(MAX_CPUS + 1)),
+            Err(AcpiError::CpuCount(256))
+        ));
+        assert!(write(&platform(MAX_CPUS)).is_ok());
+
+        let mut cfg = platform(1);
+        cfg.wakeup_mailbox = MAILBOX + 8;
+        assert!(matches!(write(&cfg), Err(AcpiError::Config(_))));
+
+        let mut cfg = platform(1);
+        cfg.ioapic_addr = 1 << 32;
+        assert!(matches!(write(&cfg), Err(AcpiError::Config(_))));
+
+        let mut cfg = platform(1);
+        cfg.virtio_mmio[0].size = 0;
+        assert!(matches!(write(&cfg), Err(AcpiError::Config(_))));
+
+        let bad_pci: [fn(&mut PciEcam); 4] = [
+            |p| (p.bus_start, p.bus_end) = (5, 4),
+            |p| p.mmio32 = (0xF000_0000, 0x2000_0000),
+            |p| p.io = Some((0xF000, 0x2000)),
+            |p| p.base = u64::MAX - 0xFFFF,
+        ];
+        for break_it in bad_pci {
+            let mut cfg = with_pci(platform(1));
+            break_it(cfg.pci_ecam.as_mut().unwrap());
+            assert!(matches!(write(&cfg), Err(AcpiError::Config(_))));
+        }
+
+        let fresh = memory(LIMIT as usize);
+        let err = write_acpi_tables(
+            &fresh,
+            GuestAddress(RSDP_ADDR + 8),
+            GuestAddress(LIMIT),
+            &platform(1),
+        );
+        assert!(matches!(err, Err(AcpiError::RsdpAlignment(_))));
+        assert!(read(&fresh, RSDP_ADDR, 0x100).iter().all(|&b| b == 0));
+    }
 }

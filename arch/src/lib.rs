@@ -1,5 +1,5 @@
 //! x86-64 boot for veil: where things live in guest memory, the initial CPU
-//! state, CPUID, the zero page and (in `acpi`) the firmware tables.
+//! state, CPUID, the zero page and the ACPI tables.
 
 pub mod acpi;
 pub mod boot_params;
