@@ -70,7 +70,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "LEVEL")]
     pub log_level: Option<LogLevel>,
     /// End the VM after SECS seconds with exit status 124.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub timeout: Option<f64>,
     /// CPUID features to hide from the guest, comma separated (e.g. xsave,cx16).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]

@@ -89,7 +89,8 @@ fn no_dev_kvm() {
         return;
     }
     let veil = veil_bin();
-    let script = format!("mount -t tmpfs none /dev && exec {} run", veil.display());
+    let kernel = write_guest("no-kvm.elf", &SPIN);
+    let script = format!("mount -t tmpfs none /dev && exec {} run --kernel {}", veil.display(), kernel.display());
     let out = run_command(std::process::Command::new("unshare").args(["-m", "sh", "-c", &script]), LIMIT);
     assert_eq!(out.code, Some(69), "{}", out.stderr);
     assert!(out.stderr.contains("/dev/kvm does not exist"), "{}", out.stderr);
@@ -107,8 +108,15 @@ fn no_permission_for_dev_kvm() {
         eprintln!("SKIPPED: /dev/kvm is world-accessible here ({mode:o})");
         return;
     }
+    let kernel = write_guest("no-permission.elf", &SPIN);
+    std::fs::set_permissions(kernel.parent().unwrap(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&kernel, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let out = run_command(
-        std::process::Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(veil_bin()).arg("run"),
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(veil_bin())
+            .args(["run", "--kernel"])
+            .arg(&kernel),
         LIMIT,
     );
     assert_eq!(out.code, Some(69), "{}", out.stderr);

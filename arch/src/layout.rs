@@ -56,6 +56,16 @@ pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 /// and its working memory.
 pub const MIN_RAM_SIZE: u64 = 16 << 20;
 
+// The boot structures must not overlap; checked when veil is compiled.
+const _: () = {
+    assert!(GDT_ADDR + 0x100 <= ZERO_PAGE_ADDR);
+    assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_TOP);
+    assert!(BOOT_STACK_TOP <= PML4_ADDR);
+    assert!(PAGE_TABLES_END <= CMDLINE_ADDR);
+    assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(EBDA_START <= ACPI_START && ACPI_END == HIMEM_START);
+};
+
 /// The guest-physical RAM ranges for `size` bytes of RAM: low RAM up to the
 /// MMIO gap, the rest above 4 GiB.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
@@ -87,15 +97,5 @@ mod tests {
             ]
         );
         assert_eq!(r.iter().map(|x| x.1).sum::<u64>(), 4 << 30);
-    }
-
-    #[test]
-    fn boot_structures_do_not_overlap() {
-        assert!(GDT_ADDR + 0x100 <= ZERO_PAGE_ADDR);
-        assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_TOP);
-        assert!(BOOT_STACK_TOP <= PML4_ADDR);
-        assert!(PAGE_TABLES_END <= CMDLINE_ADDR);
-        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(EBDA_START <= ACPI_START && ACPI_END == HIMEM_START);
     }
 }

@@ -79,7 +79,7 @@ impl GuestRam {
                 ),
             ));
         }
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(Error::new(
                 Kind::Data,
                 format!("--memory {size} is not a multiple of 4 KiB"),

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# veil's whole test suite: formatting, lints, unit and integration tests,
+# and Linux guest boots. The Linux guest is built once and cached outside the
+# repository (resources/linux/build.sh), keyed by its inputs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -x resources/linux/build.sh ]; then
+  VEIL_LINUX_DIR="$(resources/linux/build.sh | tail -n 1)"
+  export VEIL_LINUX_DIR
+  echo "Linux guest: $VEIL_LINUX_DIR"
+fi
+
+cargo fmt --all --check
+cargo clippy --all-targets -- -D warnings
+cargo test --release --workspace -- --test-threads=2
