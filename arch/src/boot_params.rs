@@ -164,7 +164,10 @@ mod tests {
 
     #[test]
     fn initrd_limit_respects_header_and_gap() {
-        let hdr = setup_header { initrd_addr_max: 0x7fff_ffff, ..Default::default() };
+        let hdr = setup_header {
+            initrd_addr_max: 0x7fff_ffff,
+            ..Default::default()
+        };
         assert_eq!(initrd_limit(4 << 30, Some(&hdr)), 0x8000_0000);
         assert_eq!(initrd_limit(4 << 30, None), MMIO_GAP_START);
         assert_eq!(initrd_limit(64 << 20, Some(&hdr)), 64 << 20);

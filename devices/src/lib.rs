@@ -2,8 +2,10 @@
 //! devices, and (later) virtio devices and their DMA layer.
 
 pub mod bus;
+pub mod dma;
 pub mod legacy;
 pub mod stop;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
 pub use stop::{StopReason, StopSignal};

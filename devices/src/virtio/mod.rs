@@ -1,0 +1,111 @@
+//! virtio 1.x devices and their two transports.
+//!
+//! A device (`VirtioDevice`) knows its features, its config space and how
+//! to serve its queues; a transport (`mmio::MmioTransport`, the PCI
+//! function in `pci`) knows registers. Both transports drive the same
+//! state machine (`transport::VirtioState`): feature negotiation, queue set-up,
+//! status, reset. Once the driver says DRIVER_OK, the device gets its queues
+//! and a DMA view and serves them on its own worker thread, woken by
+//! ioeventfds and answering through irqfds, never through the vCPU thread.
+
+pub mod metrics;
+pub mod mmio;
+pub mod transport;
+pub mod worker;
+
+use crate::dma::DmaMemory;
+use std::sync::Arc;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use metrics::DeviceMetrics;
+
+/// Device status bits (virtio 1.2 §2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    pub const FAILED: u8 = 128;
+}
+
+/// Feature bits shared by every device (virtio 1.2 §6).
+pub mod features {
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const VERSION_1: u64 = 1 << 32;
+    pub const ACCESS_PLATFORM: u64 = 1 << 33;
+}
+
+/// Device IDs (virtio 1.2 §5).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const CONSOLE: u32 = 3;
+    pub const RNG: u32 = 4;
+    pub const IOMMU: u32 = 23;
+}
+
+/// Why a device raises its interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptCause {
+    /// Buffers were used in this queue.
+    Queue(u16),
+    /// The configuration (or device status) changed.
+    Config,
+}
+
+/// How a device interrupts its driver; each transport has its own.
+pub trait VirtioInterrupt: Send + Sync {
+    fn trigger(&self, cause: InterruptCause) -> std::io::Result<()>;
+}
+
+/// A queue the driver set up, handed to the device at activation.
+pub struct ActiveQueue {
+    pub index: u16,
+    pub queue: Queue,
+    /// Becomes readable when the driver notifies this queue.
+    pub notify: EventFd,
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    pub mem: DmaMemory,
+    pub queues: Vec<ActiveQueue>,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub acked_features: u64,
+    pub metrics: Arc<DeviceMetrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("device cannot start its worker: {0}")]
+    Worker(#[from] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One virtio device, independent of its transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Short name for logs and metrics, e.g. "blk0".
+    fn name(&self) -> &str;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Everything the device offers, VERSION_1 included.
+    fn device_features(&self) -> u64;
+    /// Device-specific refusal of a feature set at FEATURES_OK.
+    fn accept_features(&self, _acked: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Config writes are read-only for most devices: ignored, counted.
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+        let _ = (offset, data);
+        false
+    }
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops serving queues; the device may be activated again afterwards.
+    fn reset(&mut self);
+}
