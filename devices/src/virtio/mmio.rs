@@ -134,7 +134,7 @@ impl BusDevice for MmioTransport {
         if offset >= CONFIG_OFFSET {
             return self.state.read_config(offset - CONFIG_OFFSET, data);
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             // Registers are 32 bits wide and must be read as such.
             data.fill(0);
             return;
@@ -147,7 +147,7 @@ impl BusDevice for MmioTransport {
             return self.state.write_config(offset - CONFIG_OFFSET, data);
         }
         match <[u8; 4]>::try_from(data) {
-            Ok(bytes) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(bytes)),
+            Ok(bytes) if offset.is_multiple_of(4) => self.write_register(offset, u32::from_le_bytes(bytes)),
             _ => DeviceMetrics::inc(&self.state.metrics().bad_register_writes),
         }
     }
