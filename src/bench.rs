@@ -22,12 +22,7 @@ fn unix_ns() -> u64 {
     crate::vmm::unix_ns()
 }
 
-fn boot_once(
-    veil: &Path,
-    args: &[String],
-    marker: Option<&str>,
-    metrics: &Path,
-) -> Result<BootSample, String> {
+fn boot_once(veil: &Path, args: &[String], marker: Option<&str>, metrics: &Path) -> Result<BootSample, String> {
     let spawned_ns = unix_ns();
     let spawned = Instant::now();
     let mut child = Command::new(veil)
@@ -53,16 +48,14 @@ fn boot_once(
     if !status.success() {
         return Err(format!("veil run {} exited with {status}", args.join(" ")));
     }
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(metrics).map_err(|e| format!("no metrics: {e}"))?,
-    )
-    .map_err(|e| format!("bad metrics: {e}"))?;
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(metrics).map_err(|e| format!("no metrics: {e}"))?)
+            .map_err(|e| format!("bad metrics: {e}"))?;
     let field = |k: &str| report.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
     let entry_ns = field("first_entry_unix_ns").saturating_sub(spawned_ns);
     Ok(BootSample {
         to_entry: Duration::from_nanos(entry_ns),
-        to_line: to_line
-            .ok_or_else(|| format!("no {} on the serial console", marker.unwrap_or("line")))?,
+        to_line: to_line.ok_or_else(|| format!("no {} on the serial console", marker.unwrap_or("line")))?,
         rss_overhead_kib: field("rss_overhead_kib"),
         exits: field("exits_pio") + field("exits_mmio"),
     })
@@ -92,17 +85,9 @@ fn row(name: &str, unit: &str, values: Vec<f64>) {
     );
 }
 
-fn series(
-    veil: &Path,
-    runs: u32,
-    args: &[String],
-    marker: Option<&str>,
-) -> Result<Vec<BootSample>, String> {
-    let metrics: PathBuf =
-        std::env::temp_dir().join(format!("veil-bench-{}.json", std::process::id()));
-    let samples = (0..runs)
-        .map(|_| boot_once(veil, args, marker, &metrics))
-        .collect();
+fn series(veil: &Path, runs: u32, args: &[String], marker: Option<&str>) -> Result<Vec<BootSample>, String> {
+    let metrics: PathBuf = std::env::temp_dir().join(format!("veil-bench-{}.json", std::process::id()));
+    let samples = (0..runs).map(|_| boot_once(veil, args, marker, &metrics)).collect();
     let _ = std::fs::remove_file(&metrics);
     samples
 }
@@ -143,15 +128,9 @@ pub fn boot(what: BenchCommand) -> ExitCode {
             row(
                 "RSS beyond guest RAM",
                 "MiB",
-                s.iter()
-                    .map(|x| x.rss_overhead_kib as f64 / 1024.0)
-                    .collect(),
+                s.iter().map(|x| x.rss_overhead_kib as f64 / 1024.0).collect(),
             );
-            row(
-                "exits per boot",
-                "",
-                s.iter().map(|x| x.exits as f64).collect(),
-            );
+            row("exits per boot", "", s.iter().map(|x| x.exits as f64).collect());
         }
         Err(e) => {
             eprintln!("veil: error: {e}");
@@ -185,15 +164,9 @@ pub fn boot(what: BenchCommand) -> ExitCode {
                 row(
                     "RSS beyond guest RAM",
                     "MiB",
-                    s.iter()
-                        .map(|x| x.rss_overhead_kib as f64 / 1024.0)
-                        .collect(),
+                    s.iter().map(|x| x.rss_overhead_kib as f64 / 1024.0).collect(),
                 );
-                row(
-                    "exits per boot",
-                    "",
-                    s.iter().map(|x| x.exits as f64).collect(),
-                );
+                row("exits per boot", "", s.iter().map(|x| x.exits as f64).collect());
             }
             Err(e) => {
                 eprintln!("veil: error: {e}");

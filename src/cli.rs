@@ -5,11 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "veil",
-    version,
-    about = "A minimal virtual machine monitor on Linux KVM"
-)]
+#[command(name = "veil", version, about = "A minimal virtual machine monitor on Linux KVM")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -75,6 +71,21 @@ pub struct RunArgs {
     /// CPUID features to hide from the guest, comma separated (e.g. xsave,cx16).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub cpuid_hide: Option<Vec<String>>,
+    /// DMA mode of every virtio device: bypass (guest-physical addresses) or platform (VIRTIO_F_ACCESS_PLATFORM) [default: bypass].
+    #[arg(long, value_name = "MODE")]
+    pub dma: Option<String>,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,transport=mmio|pci][,dma=bypass|platform][,insist=on]. Repeatable.
+    #[arg(long, value_name = "OPTS")]
+    pub disk: Vec<String>,
+    /// A virtio-net NIC: tap=NAME or loopback, [,mac=52:54:..][,transport=..][,dma=..]. Repeatable.
+    #[arg(long, value_name = "OPTS")]
+    pub net: Vec<String>,
+    /// A virtio-rng device [transport=..][,dma=..]. Repeatable.
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    pub rng: Vec<String>,
+    /// A virtio-console (hvc0) [transport=..][,dma=..]. Repeatable.
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    pub console: Vec<String>,
     /// Read settings from a JSON file; flags given as well override it.
     #[arg(long, value_name = "FILE.json")]
     pub config: Option<PathBuf>,
@@ -99,6 +110,11 @@ impl RunArgs {
             serial: self.serial.clone(),
             timeout: self.timeout,
             cpuid_hide: self.cpuid_hide.clone(),
+            dma: self.dma.clone(),
+            disk: non_empty(&self.disk),
+            net: non_empty(&self.net),
+            rng: non_empty(&self.rng),
+            console: non_empty(&self.console),
         };
         Ok((file, flags))
     }
@@ -109,11 +125,14 @@ impl RunArgs {
             return Ok(l);
         }
         match &file.log_level {
-            Some(s) => LogLevel::from_str(s, true)
-                .map_err(|_| format!("invalid log_level '{s}' in config file")),
+            Some(s) => LogLevel::from_str(s, true).map_err(|_| format!("invalid log_level '{s}' in config file")),
             None => Ok(LogLevel::Warn),
         }
     }
+}
+
+fn non_empty(v: &[String]) -> Option<Vec<String>> {
+    (!v.is_empty()).then(|| v.to_vec())
 }
 
 #[derive(Args, Debug)]

@@ -3,8 +3,10 @@
 //! Parsing here turns every bad value into a one-line message; nothing past
 //! this point has to re-check user input.
 
+use crate::devices_config::{parse_disk, parse_net, parse_plain, DiskConfig, NetConfig, PlainConfig};
 use serde::Deserialize;
 use std::path::PathBuf;
+use veil_devices::dma::DmaMode;
 
 /// Where the 8250's output goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,11 +38,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
-    let bad = || {
-        format!(
-            "invalid size '{s}': expected a number with an optional K, M or G suffix (e.g. 256M)"
-        )
-    };
+    let bad = || format!("invalid size '{s}': expected a number with an optional K, M or G suffix (e.g. 256M)");
     let n: u64 = num.parse().map_err(|_| bad())?;
     let shift = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 0,
@@ -66,6 +64,12 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     pub timeout_secs: Option<f64>,
     pub cpuid_hide: Vec<String>,
+    /// DMA mode of every device that does not choose its own.
+    pub dma: DmaMode,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub rngs: Vec<PlainConfig>,
+    pub consoles: Vec<PlainConfig>,
 }
 
 impl VmConfig {
@@ -73,10 +77,10 @@ impl VmConfig {
     pub const MAX_CPUS: u8 = 254;
 
     pub fn describe(&self) -> String {
-        let kernel = self.kernel.as_ref().map_or_else(
-            || "built-in test guest".to_string(),
-            |p| p.display().to_string(),
-        );
+        let kernel = self
+            .kernel
+            .as_ref()
+            .map_or_else(|| "built-in test guest".to_string(), |p| p.display().to_string());
         format!("{kernel}, {} MiB, {} vCPU(s)", self.memory >> 20, self.cpus)
     }
 }
@@ -95,6 +99,11 @@ pub struct ConfigFile {
     pub log_level: Option<String>,
     pub timeout: Option<f64>,
     pub cpuid_hide: Option<Vec<String>>,
+    pub dma: Option<String>,
+    pub disk: Option<Vec<String>>,
+    pub net: Option<Vec<String>>,
+    pub rng: Option<Vec<String>>,
+    pub console: Option<Vec<String>>,
 }
 
 /// A size in a config file: `"256M"` or a plain number of bytes.
@@ -116,10 +125,9 @@ impl SizeValue {
 
 impl ConfigFile {
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| format!("invalid config file {}: {e}", path.display()))
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("invalid config file {}: {e}", path.display()))
     }
 }
 
@@ -134,15 +142,22 @@ pub struct Overrides {
     pub serial: Option<String>,
     pub timeout: Option<f64>,
     pub cpuid_hide: Option<Vec<String>>,
+    pub dma: Option<String>,
+    pub disk: Option<Vec<String>>,
+    pub net: Option<Vec<String>>,
+    pub rng: Option<Vec<String>>,
+    pub console: Option<Vec<String>>,
+}
+
+/// Device lists from the flags replace those of the file, kind by kind.
+fn device_specs(flags: Option<Vec<String>>, file: Option<Vec<String>>) -> Vec<String> {
+    flags.or(file).unwrap_or_default()
 }
 
 fn check_cpus(n: u64) -> Result<u8, String> {
     match u8::try_from(n) {
         Ok(c) if (1..=VmConfig::MAX_CPUS).contains(&c) => Ok(c),
-        _ => Err(format!(
-            "invalid --cpus {n}: expected 1 to {}",
-            VmConfig::MAX_CPUS
-        )),
+        _ => Err(format!("invalid --cpus {n}: expected 1 to {}", VmConfig::MAX_CPUS)),
     }
 }
 
@@ -150,9 +165,7 @@ fn check_timeout(t: f64) -> Result<f64, String> {
     if t.is_finite() && t > 0.0 {
         Ok(t)
     } else {
-        Err(format!(
-            "invalid --timeout {t}: expected a positive number of seconds"
-        ))
+        Err(format!("invalid --timeout {t}: expected a positive number of seconds"))
     }
 }
 
@@ -174,12 +187,30 @@ pub fn resolve(file: ConfigFile, flags: Overrides) -> Result<VmConfig, String> {
         memory,
         cpus: check_cpus(flags.cpus.or(file.cpus).unwrap_or(1))?,
         serial,
-        timeout_secs: flags
-            .timeout
-            .or(file.timeout)
-            .map(check_timeout)
-            .transpose()?,
+        timeout_secs: flags.timeout.or(file.timeout).map(check_timeout).transpose()?,
         cpuid_hide: flags.cpuid_hide.or(file.cpuid_hide).unwrap_or_default(),
+        dma: flags
+            .dma
+            .or(file.dma)
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(DmaMode::Bypass),
+        disks: device_specs(flags.disk, file.disk)
+            .iter()
+            .map(|s| parse_disk(s))
+            .collect::<Result<_, _>>()?,
+        nets: device_specs(flags.net, file.net)
+            .iter()
+            .map(|s| parse_net(s))
+            .collect::<Result<_, _>>()?,
+        rngs: device_specs(flags.rng, file.rng)
+            .iter()
+            .map(|s| parse_plain("rng", s))
+            .collect::<Result<_, _>>()?,
+        consoles: device_specs(flags.console, file.console)
+            .iter()
+            .map(|s| parse_plain("console", s))
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -202,33 +233,23 @@ mod tests {
     #[test]
     fn serial_specs() {
         assert_eq!("stdout".parse(), Ok(SerialOutput::Stdout));
-        assert_eq!(
-            "file=/tmp/x".parse(),
-            Ok(SerialOutput::File("/tmp/x".into()))
-        );
+        assert_eq!("file=/tmp/x".parse(), Ok(SerialOutput::File("/tmp/x".into())));
         assert!("file=".parse::<SerialOutput>().is_err());
         assert!("tty".parse::<SerialOutput>().is_err());
     }
 
     #[test]
     fn flags_override_file_and_defaults_apply() {
-        let file: ConfigFile =
-            serde_json::from_str(r#"{"memory": "1G", "cpus": 2, "cmdline": "a"}"#).unwrap();
+        let file: ConfigFile = serde_json::from_str(r#"{"memory": "1G", "cpus": 2, "cmdline": "a"}"#).unwrap();
         let flags = Overrides {
             cpus: Some(4),
             ..Default::default()
         };
         let c = resolve(file, flags).unwrap();
-        assert_eq!(
-            (c.memory, c.cpus, c.cmdline.as_deref()),
-            (1 << 30, 4, Some("a"))
-        );
+        assert_eq!((c.memory, c.cpus, c.cmdline.as_deref()), (1 << 30, 4, Some("a")));
         assert_eq!(c.serial, SerialOutput::Stdout);
         let d = resolve(ConfigFile::default(), Overrides::default()).unwrap();
-        assert_eq!(
-            (d.memory, d.cpus, d.kernel),
-            (VmConfig::DEFAULT_MEMORY, 1, None)
-        );
+        assert_eq!((d.memory, d.cpus, d.kernel), (VmConfig::DEFAULT_MEMORY, 1, None));
     }
 
     #[test]
@@ -237,9 +258,7 @@ mod tests {
             cpus: Some(0),
             ..Default::default()
         };
-        assert!(resolve(ConfigFile::default(), bad_cpus)
-            .unwrap_err()
-            .contains("--cpus"));
+        assert!(resolve(ConfigFile::default(), bad_cpus).unwrap_err().contains("--cpus"));
         let many = Overrides {
             cpus: Some(300),
             ..Default::default()
@@ -252,9 +271,6 @@ mod tests {
         assert!(resolve(ConfigFile::default(), t).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"memroy": "1G"}"#).is_err());
         let bytes: ConfigFile = serde_json::from_str(r#"{"memory": 67108864}"#).unwrap();
-        assert_eq!(
-            resolve(bytes, Overrides::default()).unwrap().memory,
-            64 << 20
-        );
+        assert_eq!(resolve(bytes, Overrides::default()).unwrap().memory, 64 << 20);
     }
 }

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod devices_config;
 pub mod error;
 pub mod probe_image;
 pub mod vmm;

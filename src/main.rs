@@ -63,10 +63,7 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(path) = &args.metrics {
         let json = serde_json::to_string_pretty(&report).unwrap_or_default();
         if let Err(e) = std::fs::write(path, json + "\n") {
-            eprintln!(
-                "veil: warning: cannot write metrics to {}: {e}",
-                path.display()
-            );
+            eprintln!("veil: warning: cannot write metrics to {}: {e}", path.display());
         }
     }
     match result {

@@ -11,12 +11,7 @@ const LIMIT: Duration = Duration::from_secs(30);
 fn expect_error(args: &[&str], code: i32, needle: &str) {
     let out = run_veil(args, LIMIT);
     assert_eq!(out.code, Some(code), "veil {args:?}: {}", out.stderr);
-    assert_eq!(
-        out.stderr.lines().count(),
-        1,
-        "one line for {args:?}: {}",
-        out.stderr
-    );
+    assert_eq!(out.stderr.lines().count(), 1, "one line for {args:?}: {}", out.stderr);
     assert!(out.stderr.starts_with("veil: error: "), "{}", out.stderr);
     assert!(
         out.stderr.contains(needle),
@@ -35,11 +30,7 @@ fn bad_flag_values() {
     expect_error(&["run", "--timeout", "-1"], 64, "--timeout");
     expect_error(&["run", "--timeout", "0"], 64, "--timeout");
     expect_error(&["run", "--log-level", "loud"], 64, "loud");
-    expect_error(
-        &["run", "--cpuid-hide", "warp"],
-        64,
-        "unknown CPUID feature 'warp'",
-    );
+    expect_error(&["run", "--cpuid-hide", "warp"], 64, "unknown CPUID feature 'warp'");
     expect_error(&["run", "--bogus"], 64, "--bogus");
     expect_error(&["frobnicate"], 64, "frobnicate");
 }
@@ -57,11 +48,7 @@ fn bad_config_files() {
     expect_error(&["run", "--config", typo.to_str().unwrap()], 64, "memroy");
     let bad_value = scratch("bad-value.json");
     std::fs::write(&bad_value, r#"{"cpus": 0}"#).unwrap();
-    expect_error(
-        &["run", "--config", bad_value.to_str().unwrap()],
-        64,
-        "--cpus",
-    );
+    expect_error(&["run", "--config", bad_value.to_str().unwrap()], 64, "--cpus");
 }
 
 #[test]
@@ -154,11 +141,7 @@ fn no_dev_kvm() {
         LIMIT,
     );
     assert_eq!(out.code, Some(69), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("/dev/kvm does not exist"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("/dev/kvm does not exist"), "{}", out.stderr);
     assert_eq!(out.stderr.lines().count(), 1);
 }
 
@@ -168,9 +151,7 @@ fn no_permission_for_dev_kvm() {
         eprintln!("SKIPPED: needs root (to drop to an unprivileged user) and /dev/kvm");
         return;
     }
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata("/dev/kvm").unwrap().permissions(),
-    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata("/dev/kvm").unwrap().permissions());
     if mode & 0o006 != 0 {
         eprintln!("SKIPPED: /dev/kvm is world-accessible here ({mode:o})");
         return;
@@ -191,9 +172,5 @@ fn no_permission_for_dev_kvm() {
         LIMIT,
     );
     assert_eq!(out.code, Some(69), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("no permission to open /dev/kvm"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("no permission to open /dev/kvm"), "{}", out.stderr);
 }

@@ -99,17 +99,8 @@ fn a_guest_stuck_spinning_is_ended_by_the_timeout() {
     }
     let out = run_guest("spin.elf", &SPIN, &["--timeout", "1"]);
     assert_eq!(out.code, Some(124), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("did not finish within 1 s"),
-        "{}",
-        out.stderr
-    );
-    assert_eq!(
-        out.stderr.lines().count(),
-        1,
-        "one-line error: {}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("did not finish within 1 s"), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "one-line error: {}", out.stderr);
 }
 
 #[test]

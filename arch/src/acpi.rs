@@ -67,8 +67,7 @@ const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_PCIE_ASPM_CONTROLS: u16 = 1 << 4;
 /// No CMOS RTC at ports 0x70/0x71 (platform.md lists none).
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
-const IAPC_BOOT_ARCH: u16 =
-    IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_PCIE_ASPM_CONTROLS | IAPC_CMOS_RTC_NOT_PRESENT;
+const IAPC_BOOT_ARCH: u16 = IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_PCIE_ASPM_CONTROLS | IAPC_CMOS_RTC_NOT_PRESENT;
 
 // MADT.
 /// MADT flag: the platform also has dual 8259 PICs (KVM's in-kernel irqchip does).
@@ -299,9 +298,7 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
     }
     if let Some((port, _)) = cfg.serial {
         if port > u16::MAX - 7 {
-            return Err(config_error(format!(
-                "serial port base {port:#x} overflows"
-            )));
+            return Err(config_error(format!("serial port base {port:#x} overflows")));
         }
     }
     if cfg.virtio_mmio.len() > MAX_VIRTIO_MMIO {
@@ -367,13 +364,7 @@ fn build_xsdt(tables: &[u64]) -> Vec<u8> {
 }
 
 fn io_register(port: u16) -> GAS {
-    GAS::new(
-        AddressSpace::SystemIo,
-        8,
-        0,
-        AccessSize::ByteAccess,
-        port.into(),
-    )
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port.into())
 }
 
 fn build_fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
@@ -465,9 +456,7 @@ fn device(path: &str, children: &[RawAml]) -> RawAml {
 /// QWordMemory above.
 fn memory_resource(base: u64, size: u64) -> RawAml {
     match (u32::try_from(base), u32::try_from(size)) {
-        (Ok(base32), Ok(size32)) if base + size <= 1 << 32 => {
-            serialize(&aml::Memory32Fixed::new(true, base32, size32))
-        }
+        (Ok(base32), Ok(size32)) if base + size <= 1 << 32 => serialize(&aml::Memory32Fixed::new(true, base32, size32)),
         _ => serialize(&aml::AddressSpace::<u64>::new_memory(
             aml::AddressSpaceCacheable::NotCacheable,
             true,
@@ -484,10 +473,7 @@ fn edge_interrupt(gsi: u32) -> RawAml {
 }
 
 fn cpu_device(cpu: u32) -> RawAml {
-    device(
-        &format!("C{cpu:03X}"),
-        &[name("_HID", &"ACPI0007"), name("_UID", &cpu)],
-    )
+    device(&format!("C{cpu:03X}"), &[name("_HID", &"ACPI0007"), name("_UID", &cpu)])
 }
 
 fn serial_device(port: u16, gsi: u32) -> RawAml {
@@ -496,10 +482,7 @@ fn serial_device(port: u16, gsi: u32) -> RawAml {
         &[
             name("_HID", &aml::EISAName::new("PNP0501")),
             name("_UID", &1u8),
-            crs(&[
-                serialize(&aml::IO::new(port, port, 1, 8)),
-                edge_interrupt(gsi),
-            ]),
+            crs(&[serialize(&aml::IO::new(port, port, 1, 8)), edge_interrupt(gsi)]),
         ],
     )
 }
@@ -544,9 +527,7 @@ fn pci_host_bridge(pci: &PciEcam) -> RawAml {
     if let Some((io_base, io_size)) = pci.io {
         // Checked by validate(): the window ends at or below 0x10000.
         let io_last = (u32::from(io_base) + u32::from(io_size) - 1) as u16;
-        resources.push(serialize(&aml::AddressSpace::<u16>::new_io(
-            io_base, io_last, None,
-        )));
+        resources.push(serialize(&aml::AddressSpace::<u16>::new_io(io_base, io_last, None)));
     }
     device(
         "PCI0",
@@ -578,11 +559,7 @@ fn ecam_reservation(pci: &PciEcam) -> RawAml {
 fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut body = Vec::new();
     // \_S5_: SLP_TYPa, SLP_TYPb, reserved, reserved.
-    aml::Name::new(
-        "_S5_".into(),
-        &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8]),
-    )
-    .to_aml_bytes(&mut body);
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8])).to_aml_bytes(&mut body);
 
     let mut sb = Vec::new();
     for cpu in 0..cfg.num_cpus {
@@ -763,8 +740,8 @@ mod tests {
 
     fn write_and_walk(cfg: &AcpiConfig) -> (GuestMemoryMmap, Tables, u64) {
         let mem = memory(LIMIT as usize);
-        let end = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), cfg)
-            .expect("writing ACPI tables");
+        let end =
+            write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), cfg).expect("writing ACPI tables");
         let tables = Tables::walk(&mem, RSDP_ADDR);
         (mem, tables, end.0)
     }
@@ -1039,11 +1016,7 @@ mod tests {
             assert_eq!(u32_at(&madt.bytes, 40) & 1, 1, "PCAT_COMPAT");
             let entries = madt_entries(madt);
 
-            let lapics: Vec<&[u8]> = entries
-                .iter()
-                .filter(|(t, _)| *t == 0)
-                .map(|(_, e)| *e)
-                .collect();
+            let lapics: Vec<&[u8]> = entries.iter().filter(|(t, _)| *t == 0).map(|(_, e)| *e).collect();
             assert_eq!(lapics.len(), num_cpus as usize);
             for (cpu, lapic) in lapics.iter().enumerate() {
                 assert_eq!(lapic.len(), 8);
@@ -1052,21 +1025,13 @@ mod tests {
                 assert_eq!(u32_at(lapic, 4), 1, "enabled");
             }
 
-            let ioapics: Vec<&[u8]> = entries
-                .iter()
-                .filter(|(t, _)| *t == 1)
-                .map(|(_, e)| *e)
-                .collect();
+            let ioapics: Vec<&[u8]> = entries.iter().filter(|(t, _)| *t == 1).map(|(_, e)| *e).collect();
             assert_eq!(ioapics.len(), 1);
             assert_eq!(ioapics[0].len(), 12);
             assert_eq!(u32_at(ioapics[0], 4), 0xFEC0_0000);
             assert_eq!(u32_at(ioapics[0], 8), 0, "GSI base");
 
-            let wakeups: Vec<&[u8]> = entries
-                .iter()
-                .filter(|(t, _)| *t == 0x10)
-                .map(|(_, e)| *e)
-                .collect();
+            let wakeups: Vec<&[u8]> = entries.iter().filter(|(t, _)| *t == 0x10).map(|(_, e)| *e).collect();
             assert_eq!(wakeups.len(), 1);
             let wakeup = wakeups[0];
             assert_eq!(wakeup.len(), 16);
@@ -1191,10 +1156,7 @@ mod tests {
         assert_eq!(u32_at(&crs[1].1, 11), 0xCFFF_FFFF, "max");
         assert_eq!(u32_at(&crs[1].1, 19), 0x1000_0000, "length");
         assert_eq!((crs[2].0, crs[2].1[0]), (0x88, 1), "I/O");
-        assert_eq!(
-            (u16_at(&crs[2].1, 5), u16_at(&crs[2].1, 7)),
-            (0x1000, 0xFFFF)
-        );
+        assert_eq!((u16_at(&crs[2].1, 5), u16_at(&crs[2].1, 7)), (0x1000, 0xFFFF));
         for (_, desc) in &crs {
             assert_eq!(desc[1] & 1, 0, "bridge windows are producers");
         }
@@ -1264,8 +1226,7 @@ mod tests {
         // One byte short, or far too little: an error, and memory untouched.
         for limit in [end - 1, RSDP_ADDR + 64, RSDP_ADDR] {
             let mem = memory(LIMIT as usize);
-            let err = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(limit), &cfg)
-                .unwrap_err();
+            let err = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(limit), &cfg).unwrap_err();
             match err {
                 AcpiError::NoSpace { end: need, .. } => assert_eq!(need, end),
                 e => panic!("unexpected error {e}"),
@@ -1292,36 +1253,18 @@ mod tests {
     #[test]
     fn an_area_outside_guest_memory_is_an_error() {
         let mem = memory(0xE_0100);
-        let err = write_acpi_tables(
-            &mem,
-            GuestAddress(RSDP_ADDR),
-            GuestAddress(LIMIT),
-            &platform(1),
-        );
-        assert!(
-            matches!(err, Err(AcpiError::NotInGuestMemory { .. })),
-            "{err:?}"
-        );
-        let err = write_acpi_tables(
-            &mem,
-            GuestAddress(u64::MAX - 15),
-            GuestAddress(u64::MAX),
-            &platform(1),
-        );
+        let err = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), &platform(1));
+        assert!(matches!(err, Err(AcpiError::NotInGuestMemory { .. })), "{err:?}");
+        let err = write_acpi_tables(&mem, GuestAddress(u64::MAX - 15), GuestAddress(u64::MAX), &platform(1));
         assert!(matches!(err, Err(AcpiError::NoSpace { .. })), "{err:?}");
     }
 
     #[test]
     fn invalid_configurations_are_rejected() {
         let mem = memory(LIMIT as usize);
-        let write = |cfg: &AcpiConfig| {
-            write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), cfg)
-        };
+        let write = |cfg: &AcpiConfig| write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), cfg);
         assert!(matches!(write(&platform(0)), Err(AcpiError::CpuCount(0))));
-        assert!(matches!(
-            write(&platform(MAX_CPUS + 1)),
-            Err(AcpiError::CpuCount(256))
-        ));
+        assert!(matches!(write(&platform(MAX_CPUS + 1)), Err(AcpiError::CpuCount(256))));
         assert!(write(&platform(MAX_CPUS)).is_ok());
 
         let mut cfg = platform(1);
@@ -1349,12 +1292,7 @@ mod tests {
         }
 
         let fresh = memory(LIMIT as usize);
-        let err = write_acpi_tables(
-            &fresh,
-            GuestAddress(RSDP_ADDR + 8),
-            GuestAddress(LIMIT),
-            &platform(1),
-        );
+        let err = write_acpi_tables(&fresh, GuestAddress(RSDP_ADDR + 8), GuestAddress(LIMIT), &platform(1));
         assert!(matches!(err, Err(AcpiError::RsdpAlignment(_))));
         assert!(read(&fresh, RSDP_ADDR, 0x100).iter().all(|&b| b == 0));
     }

@@ -62,10 +62,7 @@ pub struct BootInfo {
 }
 
 /// Builds `boot_params` and writes it at `ZERO_PAGE_ADDR`.
-pub fn write_boot_params<M: GuestMemoryBackend>(
-    mem: &M,
-    info: &BootInfo,
-) -> Result<(), GuestMemoryError> {
+pub fn write_boot_params<M: GuestMemoryBackend>(mem: &M, info: &BootInfo) -> Result<(), GuestMemoryError> {
     let mut params = boot_params::default();
     if let Some(hdr) = info.setup_header {
         params.hdr = hdr;
@@ -118,11 +115,7 @@ mod tests {
             for w in map.windows(2) {
                 assert!(w[0].addr + w[0].size <= w[1].addr, "{map:?}");
             }
-            let ram: u64 = map
-                .iter()
-                .filter(|e| e.kind == E820_RAM)
-                .map(|e| e.size)
-                .sum();
+            let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
             let holes = (PAGE_TABLES_END - PML4_ADDR) + (HIMEM_START - EBDA_START);
             assert_eq!(ram, size - holes, "size {size:#x}");
         }
@@ -155,9 +148,7 @@ mod tests {
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         // Raw offsets that guests rely on (docs/platform.md).
         let e820_count: u8 = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR + 0x1e8)).unwrap();
-        let first_size: u64 = mem
-            .read_obj(GuestAddress(ZERO_PAGE_ADDR + 0x2d0 + 8))
-            .unwrap();
+        let first_size: u64 = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR + 0x2d0 + 8)).unwrap();
         assert_eq!(e820_count, p.e820_entries);
         assert_eq!(first_size, PML4_ADDR);
     }

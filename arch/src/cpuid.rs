@@ -20,12 +20,7 @@ struct Feature {
 }
 
 const fn feature(name: &'static str, leaf: u32, reg: Reg, bit: u32) -> Feature {
-    Feature {
-        name,
-        leaf,
-        reg,
-        bit,
-    }
+    Feature { name, leaf, reg, bit }
 }
 
 /// Features that `--cpuid-hide` accepts. Leaf 7 means subleaf 0.
@@ -81,15 +76,12 @@ pub fn feature_names() -> impl Iterator<Item = &'static str> {
 pub fn resolve_hidden(names: &[String]) -> Result<Vec<&'static str>, String> {
     let mut out: Vec<&'static str> = Vec::new();
     for name in names {
-        let f = FEATURES
-            .iter()
-            .find(|f| f.name == name.as_str())
-            .ok_or_else(|| {
-                format!(
-                    "unknown CPUID feature '{name}' (known: {})",
-                    feature_names().collect::<Vec<_>>().join(",")
-                )
-            })?;
+        let f = FEATURES.iter().find(|f| f.name == name.as_str()).ok_or_else(|| {
+            format!(
+                "unknown CPUID feature '{name}' (known: {})",
+                feature_names().collect::<Vec<_>>().join(",")
+            )
+        })?;
         out.push(f.name);
         if let Some((_, deps)) = DEPENDENTS.iter().find(|(n, _)| *n == f.name) {
             out.extend(deps.iter().copied());
@@ -116,9 +108,7 @@ pub fn filter_cpuid(cpuid: &mut CpuId, apic_id: u8, cpu_count: u8, hidden: &[&st
         match entry.function {
             1 => {
                 // Initial APIC ID and logical processor count.
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | (u32::from(apic_id) << 24)
-                    | (u32::from(cpu_count) << 16);
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(apic_id) << 24) | (u32::from(cpu_count) << 16);
                 entry.edx |= 1 << 28; // HTT: the count above is valid
                 entry.ecx |= 1 << LEAF1_ECX_HYPERVISOR;
                 if hide_xsave {

@@ -34,6 +34,15 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// 32-bit window for PCI BARs and virtio-mmio devices.
 pub const MMIO32_START: u64 = 0xc000_0000;
 pub const MMIO32_END: u64 = 0xe000_0000;
+/// virtio-mmio devices, one 4 KiB window each, at the top of the 32-bit
+/// window; PCI BARs get the rest.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_END: u64 = 0xe000_0000;
+pub const PCI_BAR_START: u64 = MMIO32_START;
+pub const PCI_BAR_END: u64 = VIRTIO_MMIO_START;
+/// Interrupt lines free for devices: the ISA IRQs nothing else uses, then
+/// the IOAPIC's upper pins.
+pub const DEVICE_GSIS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
 /// PCI ECAM (enhanced configuration access).
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
@@ -89,13 +98,7 @@ mod tests {
     #[test]
     fn ram_above_the_gap_moves_to_4g() {
         let r = ram_ranges(4 << 30);
-        assert_eq!(
-            r,
-            vec![
-                (0, MMIO_GAP_START),
-                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
-            ]
-        );
+        assert_eq!(r, vec![(0, MMIO_GAP_START), (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)]);
         assert_eq!(r.iter().map(|x| x.1).sum::<u64>(), 4 << 30);
     }
 }

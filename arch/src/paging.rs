@@ -32,9 +32,7 @@ mod tests {
     /// Walks the tables the way the MMU does for a 2 MiB mapping.
     fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
         let mask = 0x000f_ffff_ffff_f000u64;
-        let pml4e: u64 = mem
-            .read_obj(GuestAddress(cr3 + ((va >> 39) & 511) * 8))
-            .ok()?;
+        let pml4e: u64 = mem.read_obj(GuestAddress(cr3 + ((va >> 39) & 511) * 8)).ok()?;
         if pml4e & PRESENT == 0 {
             return None;
         }

@@ -69,8 +69,7 @@ pub fn set_long_mode(sregs: &mut kvm_sregs, cr3: u64) {
     sregs.tr = tss;
     sregs.cr3 = cr3;
     sregs.cr4 |= CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-    sregs.cr0 =
-        (sregs.cr0 | CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG) & !(1 << 2 | 1 << 30 | 1 << 29);
+    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG) & !(1 << 2 | 1 << 30 | 1 << 29);
     sregs.efer |= EFER_LME | EFER_LMA;
 }
 
@@ -170,10 +169,7 @@ mod tests {
             rsi: 0x7000,
             rdi: 0,
         });
-        assert_eq!(
-            (r.rip, r.rsp, r.rsi, r.rflags),
-            (0x100_0000, 0x8ff0, 0x7000, 2)
-        );
+        assert_eq!((r.rip, r.rsp, r.rsi, r.rflags), (0x100_0000, 0x8ff0, 0x7000, 2));
     }
 
     #[test]

@@ -57,9 +57,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(offset, data);
+                dev.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
                 true
             }
             None => {
@@ -73,9 +71,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(offset, data);
+                dev.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
                 true
             }
             None => false,

@@ -27,9 +27,7 @@ impl std::str::FromStr for DmaMode {
         match s {
             "bypass" => Ok(DmaMode::Bypass),
             "platform" => Ok(DmaMode::Platform),
-            _ => Err(format!(
-                "invalid DMA mode '{s}': expected bypass or platform"
-            )),
+            _ => Err(format!("invalid DMA mode '{s}': expected bypass or platform")),
         }
     }
 }

@@ -58,9 +58,7 @@ fn load_image<R: Read + Seek + vm_memory::ReadVolatile>(
     let format = detect_format(&head).ok_or_else(|| {
         Error::new(
             Kind::Data,
-            format!(
-                "{what} is not a recognised kernel (expected an x86-64 ELF vmlinux or a bzImage)"
-            ),
+            format!("{what} is not a recognised kernel (expected an x86-64 ELF vmlinux or a bzImage)"),
         )
     })?;
     image
@@ -95,9 +93,7 @@ fn load_image<R: Read + Seek + vm_memory::ReadVolatile>(
 
 /// Loads the kernel file at `path`.
 pub fn load_kernel_file(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
-    let mut file = File::open(path).context(Kind::NoInput, || {
-        format!("cannot open kernel {}", path.display())
-    })?;
+    let mut file = File::open(path).context(Kind::NoInput, || format!("cannot open kernel {}", path.display()))?;
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
         return Err(Error::new(
             Kind::NoInput,
@@ -114,20 +110,11 @@ pub fn load_kernel_bytes(mem: &GuestMemoryMmap, bytes: &[u8], what: &str) -> Res
 
 /// Places the initrd as high as it may go in low RAM, above the kernel;
 /// returns its address and size.
-pub fn load_initrd(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    ram_size: u64,
-    kernel: &LoadedKernel,
-) -> Result<(u64, u32)> {
-    let mut file = File::open(path).context(Kind::NoInput, || {
-        format!("cannot open initrd {}", path.display())
-    })?;
+pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path, ram_size: u64, kernel: &LoadedKernel) -> Result<(u64, u32)> {
+    let mut file = File::open(path).context(Kind::NoInput, || format!("cannot open initrd {}", path.display()))?;
     let size = file
         .metadata()
-        .context(Kind::NoInput, || {
-            format!("cannot read initrd {}", path.display())
-        })?
+        .context(Kind::NoInput, || format!("cannot read initrd {}", path.display()))?
         .len();
     let limit = initrd_limit(ram_size, kernel.setup_header.as_ref());
     let floor = kernel.end.max(HIMEM_START).div_ceil(PAGE) * PAGE;
@@ -148,20 +135,24 @@ pub fn load_initrd(
         ));
     };
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .context(Kind::NoInput, || {
-            format!("cannot read initrd {}", path.display())
-        })?;
+        .context(Kind::NoInput, || format!("cannot read initrd {}", path.display()))?;
     Ok((addr, size as u32))
+}
+
+/// A command line must fit its page with its NUL, and hold no other NUL.
+pub fn check_cmdline(cmdline: &str) -> Result<()> {
+    if cmdline.len() >= CMDLINE_MAX_SIZE || cmdline.contains('\0') {
+        return Err(Error::new(
+            Kind::Usage,
+            format!("the kernel command line must be shorter than {CMDLINE_MAX_SIZE} bytes and contain no NUL"),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes the NUL-terminated command line; returns its length with the NUL.
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<u32> {
-    if cmdline.len() >= CMDLINE_MAX_SIZE || cmdline.contains('\0') {
-        return Err(Error::new(
-            Kind::Usage,
-            format!("--cmdline must be shorter than {CMDLINE_MAX_SIZE} bytes and contain no NUL"),
-        ));
-    }
+    check_cmdline(cmdline)?;
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
@@ -221,10 +212,7 @@ mod tests {
         elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
         elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
         elf[56..58].copy_from_slice(&3u16.to_le_bytes()); // e_phnum, none present
-        assert_eq!(
-            load_kernel_bytes(&mem, &elf, "short").unwrap_err().kind,
-            Kind::Data
-        );
+        assert_eq!(load_kernel_bytes(&mem, &elf, "short").unwrap_err().kind, Kind::Data);
     }
 
     #[test]

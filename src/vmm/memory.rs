@@ -26,17 +26,13 @@ fn memfd(size: u64) -> Result<File> {
     if fd < 0 {
         return Err(Error::new(
             Kind::Unavailable,
-            format!(
-                "cannot create guest memory: {}",
-                std::io::Error::last_os_error()
-            ),
+            format!("cannot create guest memory: {}", std::io::Error::last_os_error()),
         ));
     }
     // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).context(Kind::Data, || {
-        format!("cannot size guest memory to {size} bytes")
-    })?;
+    file.set_len(size)
+        .context(Kind::Data, || format!("cannot size guest memory to {size} bytes"))?;
     Ok(file)
 }
 
@@ -45,17 +41,15 @@ fn map(file: &Arc<File>, size: u64) -> Result<GuestMemoryMmap> {
     let mut regions = Vec::new();
     for (start, len) in ram_ranges(size) {
         let fo = FileOffset::from_arc(file.clone(), offset);
-        let mapping = MmapRegion::from_file(fo, len as usize).context(Kind::Data, || {
-            format!("cannot map {} MiB of guest memory", len >> 20)
-        })?;
+        let mapping = MmapRegion::from_file(fo, len as usize)
+            .context(Kind::Data, || format!("cannot map {} MiB of guest memory", len >> 20))?;
         regions.push(
             GuestRegionMmap::new(mapping, GuestAddress(start))
                 .ok_or_else(|| Error::new(Kind::Data, "guest memory region overflows"))?,
         );
         offset += len;
     }
-    GuestMemoryMmap::from_regions(regions)
-        .context(Kind::Data, || "cannot build guest memory".to_string())
+    GuestMemoryMmap::from_regions(regions).context(Kind::Data, || "cannot build guest memory".to_string())
 }
 
 /// Physical RAM of this host, from /proc/meminfo.
@@ -116,27 +110,15 @@ mod tests {
     #[test]
     fn both_views_see_the_same_pages() {
         let ram = GuestRam::new(32 << 20).unwrap();
-        ram.kvm_view
-            .write_obj(0xfeed_u32, GuestAddress(0x1000))
-            .unwrap();
-        assert_eq!(
-            ram.host_view.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
-            0xfeed
-        );
+        ram.kvm_view.write_obj(0xfeed_u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(ram.host_view.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xfeed);
     }
 
     #[test]
     fn sizes_are_checked() {
         assert_eq!(GuestRam::new(1 << 20).err().unwrap().kind, Kind::Data);
-        assert_eq!(
-            GuestRam::new((32 << 20) + 1).err().unwrap().kind,
-            Kind::Data
-        );
+        assert_eq!(GuestRam::new((32 << 20) + 1).err().unwrap().kind, Kind::Data);
         let too_big = GuestRam::new(1 << 50).err().unwrap();
-        assert!(
-            too_big.message.contains("more than this host"),
-            "{}",
-            too_big.message
-        );
+        assert!(too_big.message.contains("more than this host"), "{}", too_big.message);
     }
 }

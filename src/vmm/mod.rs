@@ -1,6 +1,7 @@
 //! The VM builder: turns a `VmConfig` into a running VM, and runs it until
 //! the guest stops, fails or runs out of time.
 
+mod devices;
 mod loader;
 mod memory;
 mod vcpu;
@@ -13,9 +14,7 @@ pub use vcpu::unix_ns;
 use crate::config::{SerialOutput, VmConfig};
 use crate::error::{Context, Error, Kind, Result};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +60,7 @@ pub struct RunReport {
     /// Resident memory that is not guest RAM: VMM heap, stacks, code.
     pub rss_overhead_kib: u64,
     pub guest_ram_resident_kib: u64,
+    pub devices: std::collections::BTreeMap<String, devices::DeviceReport>,
 }
 
 pub struct Vm {
@@ -71,6 +71,7 @@ pub struct Vm {
     shared: Arc<VcpuShared>,
     serial: Arc<Mutex<Serial>>,
     mailbox: Arc<Mutex<wakeup::WakeupMailbox>>,
+    device_manager: devices::DeviceManager,
     stop: Arc<StopSignal>,
     timeout: Option<Duration>,
     started_unix_ns: u64,
@@ -98,11 +99,9 @@ fn serial_sink(output: &SerialOutput) -> Result<SerialSink> {
     Ok(match output {
         SerialOutput::Stdout => SerialSink::Stdout,
         SerialOutput::Off => SerialSink::Off,
-        SerialOutput::File(path) => {
-            SerialSink::File(File::create(path).context(Kind::NoInput, || {
-                format!("cannot create serial output file {}", path.display())
-            })?)
-        }
+        SerialOutput::File(path) => SerialSink::File(File::create(path).context(Kind::NoInput, || {
+            format!("cannot create serial output file {}", path.display())
+        })?),
     })
 }
 
@@ -120,8 +119,7 @@ fn register_memory(vm_fd: &VmFd, ram: &GuestRam) -> Result<()> {
         };
         // SAFETY: the region is a live mapping owned by `ram`, which the Vm
         // keeps alive for as long as the VM fd (and so KVM's use of it).
-        unsafe { vm_fd.set_user_memory_region(desc) }
-            .map_err(kvm_err("cannot register guest memory"))?;
+        unsafe { vm_fd.set_user_memory_region(desc) }.map_err(kvm_err("cannot register guest memory"))?;
     }
     Ok(())
 }
@@ -146,42 +144,12 @@ impl Vm {
             Some(path) => Some(loader::load_initrd(mem, path, ram.size, &kernel)?),
             None => None,
         };
-        let cmdline = match (&config.cmdline, &config.kernel) {
+        let mut cmdline = match (&config.cmdline, &config.kernel) {
             (Some(c), _) => c.clone(),
             (None, Some(_)) => DEFAULT_LINUX_CMDLINE.to_string(),
             (None, None) => String::new(),
         };
-        let cmdline_size = loader::write_cmdline(mem, &cmdline)?;
-        let guest_err = |e: vm_memory::GuestMemoryError| {
-            Error::new(Kind::Data, format!("cannot write boot structures: {e}"))
-        };
-        veil_arch::regs::write_boot_gdt(mem).map_err(guest_err)?;
-        let cr3 = veil_arch::paging::write_identity_page_tables(mem).map_err(guest_err)?;
-        let acpi = veil_arch::acpi::AcpiConfig {
-            num_cpus: u32::from(config.cpus),
-            wakeup_mailbox: WAKEUP_MAILBOX_ADDR,
-            ioapic_addr: IOAPIC_ADDR,
-            sleep_control_port: ACPI_SLEEP_CONTROL_PORT,
-            sleep_status_port: ACPI_SLEEP_STATUS_PORT,
-            serial: Some((COM1_PORT, COM1_IRQ)),
-            virtio_mmio: Vec::new(),
-            pci_ecam: None,
-        };
-        veil_arch::acpi::write_acpi_tables(
-            mem,
-            vm_memory::GuestAddress(ACPI_START),
-            vm_memory::GuestAddress(ACPI_END),
-            &acpi,
-        )
-        .map_err(|e| Error::new(Kind::Software, format!("cannot write ACPI tables: {e}")))?;
-        let boot = veil_arch::boot_params::BootInfo {
-            setup_header: kernel.setup_header,
-            cmdline_size,
-            initrd,
-            rsdp_addr: ACPI_START,
-            ram_size: ram.size,
-        };
-        veil_arch::boot_params::write_boot_params(mem, &boot).map_err(guest_err)?;
+        loader::check_cmdline(&cmdline)?;
         log::info!(
             "loaded {:?} kernel, entry {:#x}, end {:#x}, initrd {:?}",
             kernel.format,
@@ -196,6 +164,7 @@ impl Vm {
             (Cap::Irqchip, "in-kernel irqchip"),
             (Cap::UserMemory, "user memory"),
             (Cap::Irqfd, "irqfd"),
+            (Cap::Ioeventfd, "ioeventfd"),
             (Cap::Pit2, "PIT"),
         ] {
             if !kvm.check_extension(cap) {
@@ -233,26 +202,18 @@ impl Vm {
             .map_err(kvm_err("cannot create PIT"))?;
         register_memory(&vm_fd, &ram)?;
 
-        let stop = Arc::new(
-            StopSignal::new().context(Kind::Unavailable, || "cannot create eventfd".into())?,
-        );
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
-            .context(Kind::Unavailable, || "cannot create eventfd".into())?;
+        // Devices.
+        let stop = Arc::new(StopSignal::new().context(Kind::Unavailable, || "cannot create eventfd".into())?);
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).context(Kind::Unavailable, || "cannot create eventfd".into())?;
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("cannot register the serial IRQ"))?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            serial_irq,
-            serial_sink(&config.serial)?,
-        )));
-
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_sink(&config.serial)?)));
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
-        let bus_err = |e: veil_devices::bus::BusError| {
-            Error::new(Kind::Software, format!("device layout: {e}"))
-        };
-        pio.insert(u64::from(COM1_PORT), 8, serial.clone())
-            .map_err(bus_err)?;
+        let bus_err = |e: veil_devices::bus::BusError| Error::new(Kind::Software, format!("device layout: {e}"));
+        pio.insert(u64::from(COM1_PORT), 8, serial.clone()).map_err(bus_err)?;
         pio.insert(
             u64::from(I8042_DATA_PORT),
             5,
@@ -271,6 +232,49 @@ impl Vm {
             Arc::new(Mutex::new(AcpiSleepControl::new(stop.clone()))),
         )
         .map_err(bus_err)?;
+        let mut device_manager = devices::DeviceManager::new();
+        devices::attach_configured(&mut device_manager, config, &vm_fd, &mut mmio, &ram.host_view)?;
+
+        // Boot structures, now that the devices are known.
+        if config.kernel.is_none() || cmdline.split_whitespace().any(|w| w == "acpi=off") {
+            // The test guest, and Linux without ACPI, find virtio-mmio
+            // devices on the command line; Linux with ACPI finds them in
+            // the DSDT.
+            for entry in &device_manager.cmdline_mmio {
+                cmdline.push(' ');
+                cmdline.push_str(entry);
+            }
+        }
+        let cmdline_size = loader::write_cmdline(mem, cmdline.trim_start())?;
+        let guest_err =
+            |e: vm_memory::GuestMemoryError| Error::new(Kind::Data, format!("cannot write boot structures: {e}"));
+        veil_arch::regs::write_boot_gdt(mem).map_err(guest_err)?;
+        let cr3 = veil_arch::paging::write_identity_page_tables(mem).map_err(guest_err)?;
+        let acpi = veil_arch::acpi::AcpiConfig {
+            num_cpus: u32::from(config.cpus),
+            wakeup_mailbox: WAKEUP_MAILBOX_ADDR,
+            ioapic_addr: IOAPIC_ADDR,
+            sleep_control_port: ACPI_SLEEP_CONTROL_PORT,
+            sleep_status_port: ACPI_SLEEP_STATUS_PORT,
+            serial: Some((COM1_PORT, COM1_IRQ)),
+            virtio_mmio: device_manager.acpi_mmio.clone(),
+            pci_ecam: None,
+        };
+        veil_arch::acpi::write_acpi_tables(
+            mem,
+            vm_memory::GuestAddress(ACPI_START),
+            vm_memory::GuestAddress(ACPI_END),
+            &acpi,
+        )
+        .map_err(|e| Error::new(Kind::Software, format!("cannot write ACPI tables: {e}")))?;
+        let boot = veil_arch::boot_params::BootInfo {
+            setup_header: kernel.setup_header,
+            cmdline_size,
+            initrd,
+            rsdp_addr: ACPI_START,
+            ram_size: ram.size,
+        };
+        veil_arch::boot_params::write_boot_params(mem, &boot).map_err(guest_err)?;
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -285,10 +289,8 @@ impl Vm {
             let mut cpuid = supported_cpuid.clone();
             veil_arch::cpuid::filter_cpuid(&mut cpuid, id, config.cpus, &hidden);
             fd.set_cpuid2(&cpuid).map_err(kvm_err("cannot set CPUID"))?;
-            fd.set_msrs(&boot_msrs())
-                .map_err(kvm_err("cannot set MSRs"))?;
-            fd.set_fpu(&boot_fpu())
-                .map_err(kvm_err("cannot set FPU state"))?;
+            fd.set_msrs(&boot_msrs()).map_err(kvm_err("cannot set MSRs"))?;
+            fd.set_fpu(&boot_fpu()).map_err(kvm_err("cannot set FPU state"))?;
             let mut lapic = fd.get_lapic().map_err(kvm_err("cannot read LAPIC"))?;
             set_lint_pins(&mut lapic);
             fd.set_lapic(&lapic).map_err(kvm_err("cannot set LAPIC"))?;
@@ -335,6 +337,7 @@ impl Vm {
             shared,
             serial,
             mailbox,
+            device_manager,
             stop,
             timeout: config.timeout_secs.map(Duration::from_secs_f64),
             started_unix_ns,
@@ -353,6 +356,7 @@ impl Vm {
             shared,
             serial,
             mailbox,
+            device_manager,
             stop,
             timeout,
             started_unix_ns,
@@ -390,11 +394,7 @@ impl Vm {
         };
         shared.exiting.store(true, Ordering::Release);
         stop_vcpus(&threads);
-        let failure = shared
-            .failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let failure = shared.failure.lock().unwrap_or_else(|e| e.into_inner()).take();
         let result = match (result, failure) {
             (Ok(_), Some(f)) => Err(f),
             (Ok(StopReason::Failed), None) => Err(Error::new(Kind::Software, "the VM failed")),
@@ -422,6 +422,7 @@ impl Vm {
             serial_lost_bytes: serial.lock().unwrap_or_else(|e| e.into_inner()).lost_bytes,
             rss_overhead_kib: rss.saturating_sub(shmem),
             guest_ram_resident_kib: shmem,
+            devices: device_manager.metrics(),
         };
         // vCPU threads that never came back may still use guest memory:
         // leave it (and the VM) mapped until the process exits.
@@ -456,10 +457,7 @@ impl MutEventSubscriber for StopWatcher {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(
-            self.stop.event(),
-            vmm_sys_util::epoll::EventSet::IN,
-        )) {
+        if let Err(e) = ops.add(Events::new(self.stop.event(), vmm_sys_util::epoll::EventSet::IN)) {
             log::error!("cannot watch the stop event: {e:?}");
         }
     }
@@ -474,12 +472,7 @@ fn wait_for_stop(
     timeout: Option<Duration>,
 ) -> Result<StopReason> {
     let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
-        .map_err(|e| {
-            Error::new(
-                Kind::Unavailable,
-                format!("cannot create the event loop: {e:?}"),
-            )
-        })?;
+        .map_err(|e| Error::new(Kind::Unavailable, format!("cannot create the event loop: {e:?}")))?;
     manager.add_subscriber(Box::new(StopWatcher { stop: stop.clone() }));
     if let Some(input) = stdin {
         manager.add_subscriber(Box::new(SerialInput::new(serial, input)));

@@ -3,8 +3,7 @@
 
 use crate::error::{Error, Kind};
 use kvm_bindings::{
-    kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -73,11 +72,7 @@ fn internal_error_detail(fd: &mut VcpuFd) -> String {
     // reason; we only read plain integers from it.
     let internal = unsafe { run.__bindgen_anon_1.internal };
     let n = (internal.ndata as usize).min(internal.data.len());
-    format!(
-        "suberror {}, data {:x?}",
-        internal.suberror,
-        &internal.data[..n]
-    )
+    format!("suberror {}, data {:x?}", internal.suberror, &internal.data[..n])
 }
 
 fn rip(fd: &VcpuFd) -> String {
@@ -119,9 +114,7 @@ impl Vcpu {
             }
         }
         if self.id == 0 {
-            shared
-                .first_entry_unix_ns
-                .store(unix_ns(), Ordering::Relaxed);
+            shared.first_entry_unix_ns.store(unix_ns(), Ordering::Relaxed);
         }
         while !shared.exiting.load(Ordering::Acquire) {
             if let Err(e) = self.step(&shared) {
@@ -139,12 +132,7 @@ impl Vcpu {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(()),
-            Err(e) => {
-                return Err(Error::new(
-                    Kind::Software,
-                    format!("vCPU {id}: KVM_RUN failed: {e}"),
-                ))
-            }
+            Err(e) => return Err(Error::new(Kind::Software, format!("vCPU {id}: KVM_RUN failed: {e}"))),
         };
         let c = &shared.counters;
         match exit {
@@ -193,10 +181,7 @@ impl Vcpu {
                 KVM_SYSTEM_EVENT_SHUTDOWN => shared.stop.request(StopReason::PowerOff),
                 KVM_SYSTEM_EVENT_RESET => shared.stop.request(StopReason::Reset),
                 KVM_SYSTEM_EVENT_CRASH => {
-                    return Err(Error::new(
-                        Kind::Software,
-                        format!("vCPU {id}: guest reported a crash"),
-                    ))
+                    return Err(Error::new(Kind::Software, format!("vCPU {id}: guest reported a crash")))
                 }
                 other => {
                     return Err(Error::new(
@@ -209,16 +194,16 @@ impl Vcpu {
                 let detail = internal_error_detail(&mut self.fd);
                 return Err(Error::new(
                     Kind::Software,
-                    format!(
-                        "vCPU {id}: KVM internal error ({detail}) at RIP {}",
-                        rip(&self.fd)
-                    ),
+                    format!("vCPU {id}: KVM internal error ({detail}) at RIP {}", rip(&self.fd)),
                 ));
             }
             VcpuExit::FailEntry(reason, cpu) => {
                 return Err(Error::new(
                     Kind::Software,
-                    format!("vCPU {id}: VM entry failed (hardware reason {reason:#x}, cpu {cpu}) at RIP {}", rip(&self.fd)),
+                    format!(
+                        "vCPU {id}: VM entry failed (hardware reason {reason:#x}, cpu {cpu}) at RIP {}",
+                        rip(&self.fd)
+                    ),
                 ));
             }
             other => {

@@ -33,9 +33,7 @@ impl WakeupMailbox {
     }
 
     fn field<const N: usize>(&self, at: usize) -> [u8; N] {
-        self.regs[at..at + N]
-            .try_into()
-            .expect("fixed in-range field")
+        self.regs[at..at + N].try_into().expect("fixed in-range field")
     }
 
     fn wake(&mut self) {

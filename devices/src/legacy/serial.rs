@@ -114,9 +114,7 @@ impl SerialInput {
 impl MutEventSubscriber for SerialInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
-        let closed = events
-            .event_set()
-            .intersects(EventSet::HANG_UP | EventSet::ERROR);
+        let closed = events.event_set().intersects(EventSet::HANG_UP | EventSet::ERROR);
         let n = if events.event_set().contains(EventSet::IN) {
             self.input.read(&mut buf).unwrap_or(0)
         } else {

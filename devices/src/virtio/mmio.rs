@@ -120,10 +120,7 @@ impl MmioTransport {
             0x0a4 => s.set_queue_address(QueueAddress::Used, Half::High, v),
             _ => {
                 DeviceMetrics::inc(&s.metrics().bad_register_writes);
-                log::debug!(
-                    "{}: write {v:#x} to unknown register {offset:#x}",
-                    s.device().name()
-                );
+                log::debug!("{}: write {v:#x} to unknown register {offset:#x}", s.device().name());
             }
         }
     }

@@ -1,10 +1,7 @@
 //! The virtio state machine that both transports drive: feature
 //! negotiation, queue configuration, status and reset (virtio 1.2 §2–§3).
 
-use super::{
-    features, status, Activation, ActiveQueue, DeviceMetrics, InterruptCause, VirtioDevice,
-    VirtioInterrupt,
-};
+use super::{features, status, Activation, ActiveQueue, DeviceMetrics, InterruptCause, VirtioDevice, VirtioInterrupt};
 use crate::dma::{DmaMemory, DmaMode};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
@@ -81,11 +78,7 @@ impl VirtioState {
         interrupt: Arc<dyn VirtioInterrupt>,
         metrics: Arc<DeviceMetrics>,
     ) -> std::io::Result<Self> {
-        let queues: Vec<QueueConfig> = device
-            .queue_max_sizes()
-            .iter()
-            .map(|&m| QueueConfig::new(m))
-            .collect();
+        let queues: Vec<QueueConfig> = device.queue_max_sizes().iter().map(|&m| QueueConfig::new(m)).collect();
         let notify = queues
             .iter()
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
@@ -256,10 +249,7 @@ impl VirtioState {
             }
             None => {
                 DeviceMetrics::inc(&self.metrics.bad_notifications);
-                log::debug!(
-                    "{}: notification for missing queue {queue}",
-                    self.device.name()
-                );
+                log::debug!("{}: notification for missing queue {queue}", self.device.name());
             }
         }
     }
@@ -323,10 +313,7 @@ impl VirtioState {
         if acked & features::VERSION_1 == 0 {
             return Err("legacy drivers are not supported (VERSION_1 not accepted)".into());
         }
-        if self.dma_mode == DmaMode::Platform
-            && self.insist_platform
-            && acked & features::ACCESS_PLATFORM == 0
-        {
+        if self.dma_mode == DmaMode::Platform && self.insist_platform && acked & features::ACCESS_PLATFORM == 0 {
             return Err("this device insists on ACCESS_PLATFORM".into());
         }
         self.device.accept_features(acked)
@@ -480,15 +467,7 @@ mod tests {
         let dev = Box::new(Dummy {
             activations: acts.clone(),
         });
-        let s = VirtioState::new(
-            dev,
-            mode,
-            insist,
-            direct_view(mem),
-            irq.clone(),
-            Arc::default(),
-        )
-        .unwrap();
+        let s = VirtioState::new(dev, mode, insist, direct_view(mem), irq.clone(), Arc::default()).unwrap();
         (s, acts, irq)
     }
 
@@ -535,13 +514,9 @@ mod tests {
     #[test]
     fn features_ok_is_refused_for_bad_feature_sets() {
         for (mode, insist, feats) in [
-            (DmaMode::Bypass, false, 1u64), // no VERSION_1
-            (
-                DmaMode::Bypass,
-                false,
-                features::VERSION_1 | features::ACCESS_PLATFORM,
-            ), // not offered
-            (DmaMode::Platform, true, features::VERSION_1), // insisting device
+            (DmaMode::Bypass, false, 1u64),                                            // no VERSION_1
+            (DmaMode::Bypass, false, features::VERSION_1 | features::ACCESS_PLATFORM), // not offered
+            (DmaMode::Platform, true, features::VERSION_1),                            // insisting device
         ] {
             let (mut s, _, _) = state(mode, insist);
             negotiate(&mut s, feats);
@@ -552,11 +527,7 @@ mod tests {
         }
         let (mut s, _, _) = state(DmaMode::Platform, false);
         negotiate(&mut s, features::VERSION_1);
-        assert_ne!(
-            s.status() & status::FEATURES_OK,
-            0,
-            "a non-insisting device accepts"
-        );
+        assert_ne!(s.status() & status::FEATURES_OK, 0, "a non-insisting device accepts");
     }
 
     #[test]

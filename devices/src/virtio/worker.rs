@@ -34,32 +34,27 @@ pub struct Worker {
 
 impl Worker {
     /// Runs `handler` on a new thread named `name`.
-    pub fn spawn<S: MutEventSubscriber + Send + 'static>(
-        name: &str,
-        handler: S,
-    ) -> std::io::Result<Worker> {
+    pub fn spawn<S: MutEventSubscriber + Send + 'static>(name: &str, handler: S) -> std::io::Result<Worker> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let watch = StopWatch {
             evt: stop.try_clone()?,
             stopped: Arc::new(AtomicBool::new(false)),
         };
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let stopped = watch.stopped.clone();
-                let mut manager = match EventManager::<Box<dyn MutEventSubscriber>>::new() {
-                    Ok(m) => m,
-                    Err(e) => return log::error!("worker: cannot create its event loop: {e:?}"),
-                };
-                manager.add_subscriber(Box::new(watch));
-                manager.add_subscriber(Box::new(handler));
-                while !stopped.load(Ordering::Acquire) {
-                    if let Err(e) = manager.run() {
-                        log::error!("worker: event loop failed: {e:?}");
-                        break;
-                    }
+        let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
+            let stopped = watch.stopped.clone();
+            let mut manager = match EventManager::<Box<dyn MutEventSubscriber>>::new() {
+                Ok(m) => m,
+                Err(e) => return log::error!("worker: cannot create its event loop: {e:?}"),
+            };
+            manager.add_subscriber(Box::new(watch));
+            manager.add_subscriber(Box::new(handler));
+            while !stopped.load(Ordering::Acquire) {
+                if let Err(e) = manager.run() {
+                    log::error!("worker: event loop failed: {e:?}");
+                    break;
                 }
-            })?;
+            }
+        })?;
         Ok(Worker {
             stop,
             thread: Some(thread),
