@@ -58,14 +58,8 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let stdin = RawStdin::open();
     let (input, guard) = stdin.map_or((None, None), |(f, g)| (Some(f), Some(g)));
-    let (result, report) = vm.run(input);
+    let (result, _report) = vm.run(input, args.metrics.clone());
     drop(guard);
-    if let Some(path) = &args.metrics {
-        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-        if let Err(e) = std::fs::write(path, json + "\n") {
-            eprintln!("veil: warning: cannot write metrics to {}: {e}", path.display());
-        }
-    }
     match result {
         Ok(StopReason::DebugExit(status)) => {
             log::info!("guest exited with status {status}");
@@ -80,6 +74,9 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // SIGUSR1 asks for metrics; until the VM runs there are none to write,
+    // but the signal must not kill veil either.
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGUSR1, Default::default());
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

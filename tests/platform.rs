@@ -161,3 +161,45 @@ fn an_ap_is_started_through_the_wakeup_mailbox() {
     assert_eq!(out.code, Some(9), "{}", out.stderr);
     assert_eq!(out.stdout, "1");
 }
+
+#[test]
+fn metrics_are_written_on_sigusr1_and_at_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = write_guest("metrics.elf", &SPIN);
+    let metrics = scratch("metrics.json");
+    let mut child = std::process::Command::new(veil_bin())
+        .args(["run", "--memory", "64M", "--timeout", "20", "--metrics"])
+        .arg(&metrics)
+        .arg("--kernel")
+        .arg(&kernel)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Ask until the file appears: veil installs its handler after boot set-up.
+    let mut running = None;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = std::process::Command::new("kill").args(["-USR1", &child.id().to_string()]).status();
+        if let Ok(text) = std::fs::read_to_string(&metrics) {
+            running = Some(text);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = running.expect("no metrics file after SIGUSR1");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["stop"], "running");
+    assert!(json["first_entry_unix_ns"].as_u64().unwrap() >= json["process_start_unix_ns"].as_u64().unwrap());
+
+    let mut code = out8(0xf4, 5);
+    code.extend(SPIN);
+    let out = run_guest("metrics-exit.elf", &code, &["--metrics", metrics.to_str().unwrap()]);
+    assert_eq!(out.code, Some(5));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!(json["guest_status"], 5);
+    assert_eq!(json["exits_pio"], 1);
+}

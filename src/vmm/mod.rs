@@ -17,6 +17,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use std::fs::File;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -345,8 +346,9 @@ impl Vm {
     }
 
     /// Runs the VM to its end. Returns the stop reason, or veil's error for a
-    /// vCPU failure or a timeout, and the run's figures.
-    pub fn run(self, stdin: Option<File>) -> (Result<StopReason>, RunReport) {
+    /// vCPU failure or a timeout, and the run's figures, which it also
+    /// writes to `metrics` at the end and whenever veil gets SIGUSR1.
+    pub fn run(self, stdin: Option<File>, metrics: Option<PathBuf>) -> (Result<StopReason>, RunReport) {
         extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         let Vm {
             vm_fd,
@@ -361,14 +363,17 @@ impl Vm {
             timeout,
             started_unix_ns,
         } = self;
+        let reporter = Arc::new(Reporter {
+            shared: shared.clone(),
+            mailbox,
+            serial: serial.clone(),
+            device_manager,
+            started_unix_ns,
+            path: metrics,
+        });
         if let Err(e) = register_signal_handler(SIGRTMIN(), kick) {
-            return (
-                Err(Error::new(
-                    Kind::Unavailable,
-                    format!("cannot install the vCPU kick signal: {e}"),
-                )),
-                RunReport::default(),
-            );
+            let error = Error::new(Kind::Unavailable, format!("cannot install the vCPU kick signal: {e}"));
+            return (Err(error), RunReport::default());
         }
         let mut threads = Vec::new();
         let mut spawn_error = None;
@@ -390,7 +395,7 @@ impl Vm {
         }
         let result = match spawn_error {
             Some(e) => Err(e),
-            None => wait_for_stop(&stop, serial.clone(), stdin, timeout),
+            None => wait_for_stop(&stop, serial, stdin, timeout, reporter.clone()),
         };
         shared.exiting.store(true, Ordering::Release);
         stop_vcpus(&threads);
@@ -400,35 +405,88 @@ impl Vm {
             (Ok(StopReason::Failed), None) => Err(Error::new(Kind::Software, "the VM failed")),
             (r, _) => r,
         };
-        let mailbox = mailbox.lock().unwrap_or_else(|e| e.into_inner());
-        let c = &shared.counters;
-        let (rss, shmem) = rss_kib();
-        let report = RunReport {
-            stop: match &result {
-                Ok(r) => format!("{r:?}"),
-                Err(e) => format!("error: {e}"),
-            },
-            guest_status: match &result {
-                Ok(StopReason::DebugExit(s)) => Some(*s),
-                _ => None,
-            },
-            process_start_unix_ns: started_unix_ns,
-            first_entry_unix_ns: shared.first_entry_unix_ns.load(Ordering::Relaxed),
-            exits_pio: c.pio.load(Ordering::Relaxed),
-            exits_mmio: c.mmio.load(Ordering::Relaxed),
-            exits_unclaimed: c.unclaimed.load(Ordering::Relaxed),
-            aps_woken: mailbox.woken,
-            ap_wakeups_ignored: mailbox.ignored,
-            serial_lost_bytes: serial.lock().unwrap_or_else(|e| e.into_inner()).lost_bytes,
-            rss_overhead_kib: rss.saturating_sub(shmem),
-            guest_ram_resident_kib: shmem,
-            devices: device_manager.metrics(),
-        };
+        let report = reporter.snapshot(&result);
+        reporter.write(&report);
         // vCPU threads that never came back may still use guest memory:
         // leave it (and the VM) mapped until the process exits.
         std::mem::forget(ram);
         std::mem::forget(vm_fd);
         (result, report)
+    }
+}
+
+/// Builds `RunReport`s from the live VM, at the end or on demand.
+struct Reporter {
+    shared: Arc<VcpuShared>,
+    mailbox: Arc<Mutex<wakeup::WakeupMailbox>>,
+    serial: Arc<Mutex<Serial>>,
+    device_manager: devices::DeviceManager,
+    started_unix_ns: u64,
+    path: Option<PathBuf>,
+}
+
+impl Reporter {
+    /// `result` is None while the VM still runs.
+    fn snapshot(&self, result: &Result<StopReason>) -> RunReport {
+        self.build(Some(result))
+    }
+
+    fn build(&self, result: Option<&Result<StopReason>>) -> RunReport {
+        let mailbox = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        let c = &self.shared.counters;
+        let (rss, shmem) = rss_kib();
+        RunReport {
+            stop: match result {
+                None => "running".into(),
+                Some(Ok(r)) => format!("{r:?}"),
+                Some(Err(e)) => format!("error: {e}"),
+            },
+            guest_status: match result {
+                Some(Ok(StopReason::DebugExit(s))) => Some(*s),
+                _ => None,
+            },
+            process_start_unix_ns: self.started_unix_ns,
+            first_entry_unix_ns: self.shared.first_entry_unix_ns.load(Ordering::Relaxed),
+            exits_pio: c.pio.load(Ordering::Relaxed),
+            exits_mmio: c.mmio.load(Ordering::Relaxed),
+            exits_unclaimed: c.unclaimed.load(Ordering::Relaxed),
+            aps_woken: mailbox.woken,
+            ap_wakeups_ignored: mailbox.ignored,
+            serial_lost_bytes: self.serial.lock().unwrap_or_else(|e| e.into_inner()).lost_bytes,
+            rss_overhead_kib: rss.saturating_sub(shmem),
+            guest_ram_resident_kib: shmem,
+            devices: self.device_manager.metrics(),
+        }
+    }
+
+    fn write(&self, report: &RunReport) {
+        let Some(path) = &self.path else { return };
+        let json = serde_json::to_string_pretty(report).unwrap_or_default();
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, json + "\n").and_then(|()| std::fs::rename(&tmp, path)) {
+            log::warn!("cannot write metrics to {}: {e}", path.display());
+        }
+    }
+}
+
+/// Writes the metrics file when veil gets SIGUSR1.
+struct MetricsOnSignal {
+    signals: std::os::unix::net::UnixStream,
+    reporter: Arc<Reporter>,
+}
+
+impl MutEventSubscriber for MetricsOnSignal {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut buf = [0u8; 16];
+        let _ = std::io::Read::read(&mut self.signals, &mut buf);
+        self.reporter.write(&self.reporter.build(None));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.signals, vmm_sys_util::epoll::EventSet::IN)) {
+            log::warn!("cannot watch SIGUSR1: {e:?}");
+        }
     }
 }
 
@@ -470,10 +528,25 @@ fn wait_for_stop(
     serial: Arc<Mutex<Serial>>,
     stdin: Option<File>,
     timeout: Option<Duration>,
+    reporter: Arc<Reporter>,
 ) -> Result<StopReason> {
     let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
         .map_err(|e| Error::new(Kind::Unavailable, format!("cannot create the event loop: {e:?}")))?;
     manager.add_subscriber(Box::new(StopWatcher { stop: stop.clone() }));
+    if reporter.path.is_some() {
+        let pair = std::os::unix::net::UnixStream::pair().and_then(|(rx, tx)| {
+            rx.set_nonblocking(true)?;
+            tx.set_nonblocking(true)?;
+            signal_hook::low_level::pipe::register(signal_hook::consts::SIGUSR1, tx)?;
+            Ok(rx)
+        });
+        match pair {
+            Ok(signals) => {
+                manager.add_subscriber(Box::new(MetricsOnSignal { signals, reporter }));
+            }
+            Err(e) => log::warn!("SIGUSR1 will not write metrics: {e}"),
+        }
+    }
     if let Some(input) = stdin {
         manager.add_subscriber(Box::new(SerialInput::new(serial, input)));
     }
