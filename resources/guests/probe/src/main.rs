@@ -1,0 +1,145 @@
+//! veil's built-in test guest ("probe").
+//!
+//! A freestanding x86-64 ELF linked at 1 MiB and entered the way Linux's
+//! 64-bit boot protocol says (docs/platform.md). It spends a few hundred
+//! instructions at CPL0 (boot.rs) and does everything else at CPL3, where
+//! code runs at native speed on veil's KVM. It reports on COM1 in lines
+//! `PROBE <topic> key=value ...` and ends the VM through the debug-exit port
+//! with its status:
+//!
+//! * 0: every check passed;
+//! * 1: a check failed (RAM, ACPI, an AP, the shared counter);
+//! * 2: unknown `probe.mode`;
+//! * 3: the probe crashed (a CPU exception, or a Rust panic).
+//!
+//! Command line: `probe.mode=<name>` chooses the workload (default `basic`);
+//! other words are ignored.
+
+#![no_std]
+#![no_main]
+
+mod acpi;
+mod boot;
+mod bootinfo;
+mod mem;
+mod memtest;
+mod serial;
+mod smp;
+
+use bootinfo::{param, BootInfo};
+use serial::Line;
+
+const STATUS_OK: u32 = 0;
+const STATUS_FAILED: u32 = 1;
+const STATUS_USAGE: u32 = 2;
+const STATUS_CRASH: u32 = 3;
+
+/// A workload: true when all its checks passed.
+type Workload = fn(&BootInfo) -> bool;
+
+/// The workloads, by `probe.mode` name. Add new ones here.
+const MODES: &[(&str, Workload)] = &[("basic", basic), ("fault", fault)];
+
+/// The BSP at CPL3, from `_start` (boot.rs).
+pub extern "C" fn bsp_main(boot_params: u64) -> ! {
+    // SAFETY: veil passed boot_params in RSI; `_start` moved it here.
+    let info = unsafe { BootInfo::read(boot_params) };
+    let mode = param(info.cmdline, "probe.mode").unwrap_or(b"basic");
+    Line::new("start").text("mode", mode).emit();
+
+    let status = match MODES.iter().find(|(name, _)| name.as_bytes() == mode) {
+        Some((_, run)) if run(&info) => STATUS_OK,
+        Some(_) => STATUS_FAILED,
+        None => {
+            Line::new("error").text("unknown_mode", mode).emit();
+            STATUS_USAGE
+        }
+    };
+    Line::new("done").dec("status", status as u64).emit();
+    serial::exit(status)
+}
+
+/// The full check: memory map, paging, ACPI, RAM, SMP.
+fn basic(info: &BootInfo) -> bool {
+    for e in info.e820() {
+        Line::new("e820")
+            .hex("addr", e.addr)
+            .hex("size", e.size)
+            .dec("type", e.kind as u64)
+            .emit();
+    }
+    let mapped_end = boot::mapped_end();
+    Line::new("paging")
+        .hex("page", boot::page_size())
+        .hex("mapped", mapped_end)
+        .emit();
+
+    let acpi = acpi::parse(info);
+    let line = Line::new("acpi")
+        .hex("rsdp", acpi.rsdp)
+        .hex("root", acpi.root)
+        .hex("madt", acpi.madt);
+    match acpi.error {
+        None => line.word("ok").emit(),
+        Some(e) => line.word("fail").text("error", e.as_bytes()).emit(),
+    }
+    let line = Line::new("cpus").dec("count", acpi.cpus as u64);
+    match &acpi.mailbox {
+        Some(mb) => line
+            .hex("mailbox", mb.addr)
+            .dec("version", mb.version as u64)
+            .emit(),
+        None => line.word("mailbox=none").emit(),
+    }
+
+    // What the RAM test must not touch: the probe itself (code, data,
+    // stacks, page tables), the ACPI tables, an initrd. The first MiB
+    // (boot_params, command line, veil's tables) is skipped anyway.
+    let mut skip = [(0u64, 0u64); 10];
+    skip[0] = boot::image_range();
+    skip[1] = info.ramdisk;
+    for (slot, &r) in skip[2..].iter_mut().zip(acpi.regions()) {
+        *slot = r;
+    }
+    let ram = memtest::run(info, &skip, mapped_end);
+    let mut line = Line::new("ram")
+        .dec("pages", ram.pages)
+        .dec("bad", ram.bad_pages);
+    if ram.bad_pages != 0 {
+        line = line.hex("first_bad", ram.first_bad);
+    }
+    if ram.unmapped != 0 {
+        line = line.hex("untested", ram.unmapped);
+    }
+    line.emit();
+
+    let smp_ok = smp::run(&acpi);
+    acpi.error.is_none() && ram.bad_pages == 0 && ram.pages != 0 && smp_ok
+}
+
+/// Read from an address the probe never maps (512 GiB), to check the
+/// exception path: expect `PROBE fault vec=14 ...` and status 3.
+fn fault(_: &BootInfo) -> bool {
+    // SAFETY: none intended: this faults, and the handler ends the VM.
+    let v = unsafe { (0x80_0000_0000u64 as *const u64).read_volatile() };
+    core::hint::black_box(v);
+    false
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let mut line = Line::new("panic");
+    if let Some(loc) = info.location() {
+        line = line
+            .text("file", loc.file().as_bytes())
+            .dec("line", loc.line() as u64);
+    }
+    line.emit();
+    serial::exit(STATUS_CRASH)
+}
+
+/// The precompiled `core` refers to the unwinding personality routine; with
+/// `panic = "abort"` nothing ever unwinds, so nothing calls it. (The release
+/// build's LTO drops the reference; the dev build needs the symbol.)
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
