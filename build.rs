@@ -71,8 +71,7 @@ fn watch(dir: &Path) {
 }
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let probe_dir = manifest_dir.join(PROBE_DIR);
@@ -104,21 +103,11 @@ fn main() {
         .status()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));
     if !status.success() {
-        eprintln!(
-            "building the probe ({}) failed: {status}",
-            probe_dir.display()
-        );
+        eprintln!("building the probe ({}) failed: {status}", probe_dir.display());
         std::process::exit(1);
     }
 
-    let elf = target_dir
-        .join(PROBE_TARGET)
-        .join("release")
-        .join("veil-probe");
-    assert!(
-        elf.is_file(),
-        "the probe build did not produce {}",
-        elf.display()
-    );
+    let elf = target_dir.join(PROBE_TARGET).join("release").join("veil-probe");
+    assert!(elf.is_file(), "the probe build did not produce {}", elf.display());
     println!("cargo:rustc-env=VEIL_PROBE_ELF={}", elf.display());
 }

@@ -182,7 +182,9 @@ fn metrics_are_written_on_sigusr1_and_at_exit() {
     let mut running = None;
     for _ in 0..100 {
         std::thread::sleep(Duration::from_millis(100));
-        let _ = std::process::Command::new("kill").args(["-USR1", &child.id().to_string()]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-USR1", &child.id().to_string()])
+            .status();
         if let Ok(text) = std::fs::read_to_string(&metrics) {
             running = Some(text);
             break;
