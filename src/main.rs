@@ -45,7 +45,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     env_logger::Builder::new()
         .filter_level(level.filter())
-        .format_timestamp_millis()
+        .format_timestamp_micros()
         .init();
     let config = match veil::config::resolve(file, flags) {
         Ok(c) => c,

@@ -160,6 +160,7 @@ impl Vm {
         );
 
         // User input is all checked; now the host.
+        log::debug!("guest image loaded");
         let kvm = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "in-kernel irqchip"),
@@ -201,7 +202,9 @@ impl Vm {
                 ..Default::default()
             })
             .map_err(kvm_err("cannot create PIT"))?;
+        log::debug!("VM created");
         register_memory(&vm_fd, &ram)?;
+        log::debug!("guest memory registered");
 
         // Devices.
         let stop = Arc::new(StopSignal::new().context(Kind::Unavailable, || "cannot create eventfd".into())?);
@@ -277,6 +280,7 @@ impl Vm {
         };
         veil_arch::boot_params::write_boot_params(mem, &boot).map_err(guest_err)?;
 
+        log::debug!("devices and boot structures ready");
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("cannot read supported CPUID"))?;
@@ -316,6 +320,7 @@ impl Vm {
             }
             vcpus.push(Vcpu { id, fd });
         }
+        log::debug!("vCPUs ready");
         let mailbox = Arc::new(Mutex::new(wakeup::WakeupMailbox::new(ap_senders)));
         mmio.insert(WAKEUP_MAILBOX_ADDR, WAKEUP_MAILBOX_SIZE, mailbox.clone())
             .map_err(bus_err)?;
@@ -375,6 +380,7 @@ impl Vm {
             let error = Error::new(Kind::Unavailable, format!("cannot install the vCPU kick signal: {e}"));
             return (Err(error), RunReport::default());
         }
+        log::debug!("spawning vCPU threads");
         let mut threads = Vec::new();
         let mut spawn_error = None;
         for (vcpu, start) in vcpus.into_iter().zip(starts) {

@@ -115,6 +115,7 @@ impl Vcpu {
         }
         if self.id == 0 {
             shared.first_entry_unix_ns.store(unix_ns(), Ordering::Relaxed);
+            log::debug!("entering the guest");
         }
         while !shared.exiting.load(Ordering::Acquire) {
             if let Err(e) = self.step(&shared) {
