@@ -8,6 +8,7 @@
 //! and a DMA view and serves them on its own worker thread, woken by
 //! ioeventfds and answering through irqfds, never through the vCPU thread.
 
+pub mod block;
 pub mod metrics;
 pub mod mmio;
 pub mod transport;
