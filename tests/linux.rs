@@ -22,7 +22,10 @@ fn linux_dir() -> Option<PathBuf> {
     match std::env::var_os("VEIL_LINUX_DIR") {
         Some(d) => Some(PathBuf::from(d)),
         None => {
-            assert!(std::env::var_os("CI").is_none(), "CI must set VEIL_LINUX_DIR (scripts/test.sh does)");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set VEIL_LINUX_DIR (scripts/test.sh does)"
+            );
             eprintln!("SKIPPED: VEIL_LINUX_DIR is not set; run scripts/test.sh, which builds the Linux guest");
             None
         }
@@ -53,12 +56,21 @@ fn boot(kernel: &str, cpus: u32, extra_cmdline: &str) -> Output {
         ],
         LIMIT,
     );
-    eprintln!("{kernel:?} with {cpus} vCPU(s): {:.1} s to power-off, exit {:?}", out.elapsed.as_secs_f64(), out.code);
+    eprintln!(
+        "{kernel:?} with {cpus} vCPU(s): {:.1} s to power-off, exit {:?}",
+        out.elapsed.as_secs_f64(),
+        out.code
+    );
     out
 }
 
 fn assert_booted(out: &Output) {
-    assert!(out.stdout.contains(MARKER), "no {MARKER}:\n{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains(MARKER),
+        "no {MARKER}:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
 }
 

@@ -1,7 +1,8 @@
 //! Virtio devices on the VM: where each one lives (MMIO window, IRQ), how
 //! its notifications reach it (ioeventfd) and how it interrupts (irqfd).
 
-use crate::devices_config::Transport;
+use crate::config::VmConfig;
+use crate::devices_config::{Common, DiskConfig, Transport};
 use crate::error::{Error, Kind, Result};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use veil_arch::acpi::VirtioMmioDevice;
 use veil_arch::layout::{DEVICE_GSIS, VIRTIO_MMIO_END, VIRTIO_MMIO_START};
 use veil_devices::dma::{direct_view, DmaMode};
+use veil_devices::virtio::block::Block;
 use veil_devices::virtio::mmio::{MmioInterrupt, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use veil_devices::virtio::transport::VirtioState;
 use veil_devices::virtio::{DeviceMetrics, VirtioDevice};
@@ -145,17 +147,52 @@ pub struct DeviceReport {
     pub counters: BTreeMap<String, u64>,
 }
 
+/// Opens a disk image as the user asked: read-only, or read-write.
+fn open_disk(disk: &DiskConfig) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(!disk.readonly)
+        .open(&disk.path)
+        .map_err(|e| {
+            Error::new(
+                Kind::NoInput,
+                format!("cannot open disk image {}: {e}", disk.path.display()),
+            )
+        })
+}
+
 /// Creates and attaches every device the configuration names.
 pub fn attach_configured(
     dm: &mut DeviceManager,
-    config: &crate::config::VmConfig,
+    config: &VmConfig,
     vm: &VmFd,
     mmio_bus: &mut Bus,
     host_view: &GuestMemoryMmap,
 ) -> Result<()> {
-    let _ = (dm, vm, mmio_bus, host_view);
-    if !(config.disks.is_empty() && config.nets.is_empty() && config.rngs.is_empty() && config.consoles.is_empty()) {
-        return Err(Error::new(Kind::Usage, "virtio devices are not available yet"));
+    let mut devices: Vec<(Box<dyn VirtioDevice>, &Common)> = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let name = format!("blk{i}");
+        let id: String = disk
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().chars().filter(char::is_ascii).take(20).collect())
+            .unwrap_or_default();
+        let block = Block::new(name, open_disk(disk)?, disk.readonly, id)
+            .map_err(|e| Error::new(Kind::Data, format!("disk image {}: {e}", disk.path.display())))?;
+        devices.push((Box::new(block), &disk.common));
+    }
+    if !(config.nets.is_empty() && config.rngs.is_empty() && config.consoles.is_empty()) {
+        return Err(Error::new(
+            Kind::Usage,
+            "virtio-net, virtio-rng and virtio-console are not available yet",
+        ));
+    }
+    for (device, common) in devices {
+        let dma = common.dma.unwrap_or(config.dma);
+        match common.transport {
+            Transport::Mmio => dm.attach_mmio(vm, mmio_bus, host_view, device, dma, common.insist)?,
+            Transport::Pci => return Err(Error::new(Kind::Usage, "transport=pci is not available yet")),
+        }
     }
     Ok(())
 }

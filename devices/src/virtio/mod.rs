@@ -109,4 +109,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving queues; the device may be activated again afterwards.
     fn reset(&mut self);
+    /// True once the device's worker found its rings unusable; the
+    /// transport then shows DEVICE_NEEDS_RESET until the driver resets it.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }

@@ -133,7 +133,11 @@ impl VirtioState {
     }
 
     pub fn status(&self) -> u8 {
-        self.status
+        if self.device.needs_reset() {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     pub fn config_generation(&self) -> u32 {

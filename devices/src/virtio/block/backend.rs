@@ -29,11 +29,7 @@ pub trait DiskBackend: Send + Sync {
 
 /// Zeroes a range by writing buffers of zeros, for storage that cannot do
 /// it in one call.
-pub fn write_zeroes_by_hand(
-    backend: &dyn DiskBackend,
-    mut offset: u64,
-    len: u64,
-) -> io::Result<()> {
+pub fn write_zeroes_by_hand(backend: &dyn DiskBackend, mut offset: u64, len: u64) -> io::Result<()> {
     let end = offset
         .checked_add(len)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range wraps around"))?;

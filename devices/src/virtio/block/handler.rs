@@ -5,8 +5,8 @@
 use super::backend::DiskBackend;
 use super::request::{Buffer, Limits, Rejection, Request, RequestType, SECTOR_SIZE};
 use super::{
-    DISCARD_MAX_SECTORS, DISCARD_MAX_SEG, F_DISCARD, F_WRITE_ZEROES, ID_LEN,
-    WRITE_ZEROES_MAX_SECTORS, WRITE_ZEROES_MAX_SEG,
+    DISCARD_MAX_SECTORS, DISCARD_MAX_SEG, F_DISCARD, F_WRITE_ZEROES, ID_LEN, WRITE_ZEROES_MAX_SECTORS,
+    WRITE_ZEROES_MAX_SEG,
 };
 use crate::dma::DmaMemory;
 use crate::virtio::{DeviceMetrics, InterruptCause, VirtioInterrupt};
@@ -218,44 +218,43 @@ impl QueueWorker {
     /// could not be returned at all.
     fn handle_chain(&mut self, head: u16) -> Result<bool, RingError> {
         let table = GuestAddress(self.queue.desc_table());
-        let completion =
-            match Request::parse(&self.mem, table, self.queue.size(), head, &self.limits) {
-                Ok(req) => {
-                    let mut written = 0;
-                    let value = match self.execute(&req, &mut written) {
-                        Ok(()) => S_OK,
-                        Err(fault) => self.count_fault(fault),
-                    };
-                    Completion::Answer {
-                        status: req.status,
-                        value,
-                        written,
-                    }
+        let completion = match Request::parse(&self.mem, table, self.queue.size(), head, &self.limits) {
+            Ok(req) => {
+                let mut written = 0;
+                let value = match self.execute(&req, &mut written) {
+                    Ok(()) => S_OK,
+                    Err(fault) => self.count_fault(fault),
+                };
+                Completion::Answer {
+                    status: req.status,
+                    value,
+                    written,
                 }
-                Err(Rejection::Malformed(why)) => {
-                    DeviceMetrics::inc(&self.metrics.bad_descriptors);
-                    log::debug!("{}: malformed chain at {head}: {why}", self.name);
-                    Completion::Unanswered
+            }
+            Err(Rejection::Malformed(why)) => {
+                DeviceMetrics::inc(&self.metrics.bad_descriptors);
+                log::debug!("{}: malformed chain at {head}: {why}", self.name);
+                Completion::Unanswered
+            }
+            Err(Rejection::BadDescriptors { status, why }) => {
+                DeviceMetrics::inc(&self.metrics.bad_descriptors);
+                log::debug!("{}: bad descriptors in chain at {head}: {why}", self.name);
+                Completion::Answer {
+                    status,
+                    value: S_IOERR,
+                    written: 0,
                 }
-                Err(Rejection::BadDescriptors { status, why }) => {
-                    DeviceMetrics::inc(&self.metrics.bad_descriptors);
-                    log::debug!("{}: bad descriptors in chain at {head}: {why}", self.name);
-                    Completion::Answer {
-                        status,
-                        value: S_IOERR,
-                        written: 0,
-                    }
+            }
+            Err(Rejection::BadRequest { status, why }) => {
+                DeviceMetrics::inc(&self.metrics.bad_requests);
+                log::debug!("{}: bad request at {head}: {why}", self.name);
+                Completion::Answer {
+                    status,
+                    value: S_IOERR,
+                    written: 0,
                 }
-                Err(Rejection::BadRequest { status, why }) => {
-                    DeviceMetrics::inc(&self.metrics.bad_requests);
-                    log::debug!("{}: bad request at {head}: {why}", self.name);
-                    Completion::Answer {
-                        status,
-                        value: S_IOERR,
-                        written: 0,
-                    }
-                }
-            };
+            }
+        };
         self.complete(head, completion)
     }
 
@@ -288,11 +287,7 @@ impl QueueWorker {
     /// Returns the chain to the driver with its status byte.
     fn complete(&mut self, head: u16, completion: Completion) -> Result<bool, RingError> {
         let used_len = match completion {
-            Completion::Answer {
-                status,
-                value,
-                written,
-            } => match self.mem.write_obj(value, status) {
+            Completion::Answer { status, value, written } => match self.mem.write_obj(value, status) {
                 Ok(()) => written.saturating_add(1),
                 Err(e) => {
                     DeviceMetrics::inc(&self.metrics.bad_descriptors);
@@ -337,10 +332,7 @@ impl QueueWorker {
             RequestType::GetId => {
                 Self::check_direction(&req.data, true)?;
                 if (req.data_len as usize) < ID_LEN {
-                    return Err(Fault::Request(format!(
-                        "GET_ID buffer of {} bytes",
-                        req.data_len
-                    )));
+                    return Err(Fault::Request(format!("GET_ID buffer of {} bytes", req.data_len)));
                 }
                 let id = self.disk.id;
                 self.to_guest(&req.data, &id, written)
@@ -401,12 +393,7 @@ impl QueueWorker {
     }
 
     /// Disk to guest, piece by piece, through the bounded scratch buffer.
-    fn read_disk(
-        &mut self,
-        data: &[Buffer],
-        mut offset: u64,
-        written: &mut u32,
-    ) -> Result<(), Fault> {
+    fn read_disk(&mut self, data: &[Buffer], mut offset: u64, written: &mut u32) -> Result<(), Fault> {
         let backend = self.disk.backend.clone();
         for b in data {
             let mut done = 0u32;
@@ -513,10 +500,7 @@ impl QueueWorker {
             )
         };
         if self.acked_features & feature == 0 {
-            return Err(Fault::Unsupported(format!(
-                "{:?} without its feature",
-                req.kind
-            )));
+            return Err(Fault::Unsupported(format!("{:?} without its feature", req.kind)));
         }
         let ranges = self.read_ranges(req, max_seg)?;
         // Check every segment before touching the disk.
@@ -535,11 +519,7 @@ impl QueueWorker {
                 )));
             }
             let len = u64::from(r.sectors) * SECTOR_SIZE;
-            spans.push((
-                self.check_range(r.sector, len)?,
-                len,
-                r.flags & SEGMENT_UNMAP != 0,
-            ));
+            spans.push((self.check_range(r.sector, len)?, len, r.flags & SEGMENT_UNMAP != 0));
         }
         let backend = &self.disk.backend;
         for (offset, len, unmap) in spans {

@@ -96,12 +96,7 @@ impl Block {
     }
 
     /// A disk over any backend.
-    pub fn with_backend(
-        name: String,
-        backend: Arc<dyn DiskBackend>,
-        readonly: bool,
-        id: String,
-    ) -> io::Result<Block> {
+    pub fn with_backend(name: String, backend: Arc<dyn DiskBackend>, readonly: bool, id: String) -> io::Result<Block> {
         let size = backend.size()?;
         if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(invalid(format!(
@@ -134,11 +129,7 @@ impl Block {
         } else {
             features |= F_DISCARD | F_WRITE_ZEROES;
             let c = &mut config;
-            put(
-                c,
-                config::MAX_DISCARD_SECTORS,
-                &DISCARD_MAX_SECTORS.to_le_bytes(),
-            );
+            put(c, config::MAX_DISCARD_SECTORS, &DISCARD_MAX_SECTORS.to_le_bytes());
             put(c, config::MAX_DISCARD_SEG, &DISCARD_MAX_SEG.to_le_bytes());
             put(c, config::DISCARD_SECTOR_ALIGNMENT, &1u32.to_le_bytes());
             put(
@@ -146,11 +137,7 @@ impl Block {
                 config::MAX_WRITE_ZEROES_SECTORS,
                 &WRITE_ZEROES_MAX_SECTORS.to_le_bytes(),
             );
-            put(
-                c,
-                config::MAX_WRITE_ZEROES_SEG,
-                &WRITE_ZEROES_MAX_SEG.to_le_bytes(),
-            );
+            put(c, config::MAX_WRITE_ZEROES_SEG, &WRITE_ZEROES_MAX_SEG.to_le_bytes());
             // Write zeroes with UNMAP punches a hole, which reads back as zeros.
             c[config::WRITE_ZEROES_MAY_UNMAP] = 1;
         }
@@ -176,11 +163,6 @@ impl Block {
 
     pub fn is_readonly(&self) -> bool {
         self.disk.readonly
-    }
-
-    /// Whether the worker found the queue unusable since the last reset.
-    pub fn needs_reset(&self) -> bool {
-        self.needs_reset.load(Ordering::Acquire)
     }
 
     /// The flag behind `needs_reset`, for a transport to poll from its own
@@ -237,11 +219,7 @@ impl VirtioDevice for Block {
         let mut queues = queues.into_iter();
         let q = match (queues.next(), queues.next()) {
             (Some(q), None) if q.index == 0 => q,
-            (None, _) => {
-                return Err(ActivateError::Invalid(
-                    "the request queue is not ready".into(),
-                ))
-            }
+            (None, _) => return Err(ActivateError::Invalid("the request queue is not ready".into())),
             _ => return Err(ActivateError::Invalid("virtio-blk has one queue".into())),
         };
         let limits = Limits {
@@ -270,5 +248,9 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.stop_worker();
         self.needs_reset.store(false, Ordering::Release);
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
     }
 }

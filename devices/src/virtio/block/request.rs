@@ -105,18 +105,13 @@ pub fn walk_chain(
     let mut in_indirect = false;
     loop {
         if index >= table_len {
-            return Err(ChainError::BadIndex {
-                index,
-                len: table_len,
-            });
+            return Err(ChainError::BadIndex { index, len: table_len });
         }
         let at = table
             .0
             .checked_add(u64::from(index) * DESCRIPTOR_LEN)
             .ok_or(ChainError::Unreadable(table.0))?;
-        let desc: Descriptor = mem
-            .read_obj(GuestAddress(at))
-            .map_err(|_| ChainError::Unreadable(at))?;
+        let desc: Descriptor = mem.read_obj(GuestAddress(at)).map_err(|_| ChainError::Unreadable(at))?;
         if desc.refers_to_indirect_table() {
             if !limits.indirect {
                 return Err(ChainError::IndirectNotNegotiated);
@@ -129,9 +124,7 @@ pub fn walk_chain(
             }
             let len = desc.len();
             let entries = u64::from(len) / DESCRIPTOR_LEN;
-            if len == 0
-                || !u64::from(len).is_multiple_of(DESCRIPTOR_LEN)
-                || entries > u64::from(limits.max_descriptors)
+            if len == 0 || !u64::from(len).is_multiple_of(DESCRIPTOR_LEN) || entries > u64::from(limits.max_descriptors)
             {
                 return Err(ChainError::BadIndirectTable(len));
             }
@@ -205,17 +198,13 @@ impl Request {
         head: u16,
         limits: &Limits,
     ) -> Result<Request, Rejection> {
-        let buffers = walk_chain(mem, table, queue_size, head, limits)
-            .map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let buffers =
+            walk_chain(mem, table, queue_size, head, limits).map_err(|e| Rejection::Malformed(e.to_string()))?;
         Self::frame(mem, &buffers, limits)
     }
 
     /// Frames a request in a chain's buffers.
-    pub fn frame(
-        mem: &DmaMemory,
-        buffers: &[Buffer],
-        limits: &Limits,
-    ) -> Result<Request, Rejection> {
+    pub fn frame(mem: &DmaMemory, buffers: &[Buffer], limits: &Limits) -> Result<Request, Rejection> {
         let malformed = |why: &str| Rejection::Malformed(why.to_string());
         let last = match buffers.last() {
             Some(b) if b.writable && b.len > 0 => b,
@@ -265,9 +254,7 @@ impl Request {
             data.extend(piece(b, 0, tail).filter(|p| p.len > 0));
         }
 
-        let kind = RequestType::from(u32::from_le_bytes([
-            header[0], header[1], header[2], header[3],
-        ]));
+        let kind = RequestType::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
         let mut sector_bytes = [0u8; 8];
         sector_bytes.copy_from_slice(&header[8..16]);
         let sector = u64::from_le_bytes(sector_bytes);
@@ -289,10 +276,7 @@ impl Request {
             .iter()
             .try_fold(0u32, |sum, b| sum.checked_add(b.len))
             .ok_or_else(|| bad_request("data longer than 4 GiB".to_string()))?;
-        if data
-            .iter()
-            .any(|b| !mem.check_range(b.addr, b.len as usize, access(b)))
-        {
+        if data.iter().any(|b| !mem.check_range(b.addr, b.len as usize, access(b))) {
             return Err(bad_descriptors("data buffer outside guest memory"));
         }
         Ok(Request {

@@ -26,13 +26,8 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 const DISK_SECTORS: u64 = 64;
-const ALL_FEATURES: u64 = features::VERSION_1
-    | features::RING_INDIRECT_DESC
-    | F_FLUSH
-    | F_DISCARD
-    | F_WRITE_ZEROES
-    | F_SEG_MAX
-    | F_SIZE_MAX;
+const ALL_FEATURES: u64 =
+    features::VERSION_1 | features::RING_INDIRECT_DESC | F_FLUSH | F_DISCARD | F_WRITE_ZEROES | F_SEG_MAX | F_SIZE_MAX;
 
 type Mem = GuestMemoryMmap<()>;
 
@@ -240,10 +235,7 @@ impl<'a> Driver<'a> {
 
     /// Writes raw descriptors at `index` without touching the available ring.
     fn put(&self, index: u16, desc: Descriptor) {
-        self.vq
-            .desc_table()
-            .store(index, RawDescriptor::from(desc))
-            .unwrap();
+        self.vq.desc_table().store(index, RawDescriptor::from(desc)).unwrap();
     }
 
     /// Makes `head` available as is.
@@ -325,11 +317,7 @@ fn setup(block: &Block, queue: Queue, mem: &Mem, acked: u64) -> Setup {
         metrics.clone(),
         block.needs_reset_flag(),
     );
-    Setup {
-        worker,
-        metrics,
-        irq,
-    }
+    Setup { worker, metrics, irq }
 }
 
 fn count(c: &AtomicU64) -> u64 {
@@ -434,9 +422,7 @@ fn header_data_and_status_may_share_descriptors() {
 fn flush_reaches_the_backend() {
     let disk = TestDisk::new(8, false);
     let block = Block::with_backend("t".into(), disk.clone(), false, String::new()).unwrap();
-    let (status, len, _) = one(&block, ALL_FEATURES, |d| {
-        vec![d.header(T_FLUSH, 0), d.status()]
-    });
+    let (status, len, _) = one(&block, ALL_FEATURES, |d| vec![d.header(T_FLUSH, 0), d.status()]);
     assert_eq!((status, len), (S_OK, 1));
     assert_eq!(disk.flushes.load(Ordering::Relaxed), 1);
     // A real file too.
@@ -472,12 +458,7 @@ fn get_id_answers_the_nul_padded_id() {
 }
 
 fn segment(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
-    [
-        &sector.to_le_bytes()[..],
-        &sectors.to_le_bytes(),
-        &flags.to_le_bytes(),
-    ]
-    .concat()
+    [&sector.to_le_bytes()[..], &sectors.to_le_bytes(), &flags.to_le_bytes()].concat()
 }
 
 #[test]
@@ -541,35 +522,13 @@ fn discard_and_write_zeroes_refuse_bad_segments() {
         (T_WRITE_ZEROES, segment(0, 1, 2), ALL_FEATURES, S_UNSUPP),
         // Features the driver did not accept.
         (T_DISCARD, segment(0, 1, 0), features::VERSION_1, S_UNSUPP),
-        (
-            T_WRITE_ZEROES,
-            segment(0, 1, 0),
-            features::VERSION_1,
-            S_UNSUPP,
-        ),
+        (T_WRITE_ZEROES, segment(0, 1, 0), features::VERSION_1, S_UNSUPP),
         // Past the end, and a partial segment.
-        (
-            T_DISCARD,
-            segment(DISK_SECTORS - 1, 2, 0),
-            ALL_FEATURES,
-            S_IOERR,
-        ),
-        (
-            T_WRITE_ZEROES,
-            segment(u64::MAX / 512, 1, 0),
-            ALL_FEATURES,
-            S_IOERR,
-        ),
-        (
-            T_DISCARD,
-            segment(0, 1, 0)[..12].to_vec(),
-            ALL_FEATURES,
-            S_IOERR,
-        ),
+        (T_DISCARD, segment(DISK_SECTORS - 1, 2, 0), ALL_FEATURES, S_IOERR),
+        (T_WRITE_ZEROES, segment(u64::MAX / 512, 1, 0), ALL_FEATURES, S_IOERR),
+        (T_DISCARD, segment(0, 1, 0)[..12].to_vec(), ALL_FEATURES, S_IOERR),
     ] {
-        let (status, len, s) = one(&block, acked, |d| {
-            vec![d.header(kind, 0), d.data_out(&seg), d.status()]
-        });
+        let (status, len, s) = one(&block, acked, |d| vec![d.header(kind, 0), d.data_out(&seg), d.status()]);
         assert_eq!((status, len), (want, 1), "type {kind} {seg:?}");
         assert_eq!(count(&s.metrics.bad_requests), 1);
     }
@@ -628,9 +587,7 @@ fn read_only_disk_refuses_writes() {
         assert_eq!(count(&s.metrics.bad_requests), 1);
     }
     assert_eq!(contents(&f), original());
-    let (status, len, _) = one(&block, F_RO, |d| {
-        vec![d.header(T_IN, 0), d.data_in(512), d.status()]
-    });
+    let (status, len, _) = one(&block, F_RO, |d| vec![d.header(T_IN, 0), d.data_in(512), d.status()]);
     assert_eq!((status, len), (S_OK, 513));
 }
 
@@ -729,12 +686,7 @@ fn data_must_be_whole_sectors_in_the_right_direction() {
     assert_eq!(count(&s.metrics.bytes_read), 0);
     // A readable descriptor after a writable one.
     let (status, _, s) = one(&block, ALL_FEATURES, |d| {
-        vec![
-            d.header(T_IN, 0),
-            d.data_in(512),
-            d.data_out(&[0; 512]),
-            d.status(),
-        ]
+        vec![d.header(T_IN, 0), d.data_in(512), d.data_out(&[0; 512]), d.status()]
     });
     assert_eq!(status, S_IOERR);
     assert_eq!(count(&s.metrics.bad_descriptors), 1);
@@ -759,13 +711,7 @@ fn short_header_or_missing_status_returns_the_chain_empty() {
             vec![d.header(T_FLUSH, 0), (a, 0, true)]
         }),
         // The status byte outside guest memory: the write is not done.
-        Box::new(|d| {
-            vec![
-                d.header(T_OUT, 0),
-                d.data_out(&[9; 512]),
-                (MEM_SIZE, 1, true),
-            ]
-        }),
+        Box::new(|d| vec![d.header(T_OUT, 0), d.data_out(&[9; 512]), (MEM_SIZE, 1, true)]),
     ];
     for (i, build) in cases.iter().enumerate() {
         let mem = guest();
@@ -887,17 +833,13 @@ fn buffers_outside_guest_memory_fail_with_ioerr() {
         (MEM_SIZE - 256, 512, false),
     ] {
         let kind = if data.2 { T_IN } else { T_OUT };
-        let (status, len, s) = one(&block, ALL_FEATURES, |d| {
-            vec![d.header(kind, 0), data, d.status()]
-        });
+        let (status, len, s) = one(&block, ALL_FEATURES, |d| vec![d.header(kind, 0), data, d.status()]);
         assert_eq!((status, len), (S_IOERR, 1), "{data:?}");
         assert_eq!(count(&s.metrics.bad_descriptors), 1);
         assert_eq!(count(&s.metrics.bytes_written), 0);
     }
     // A header outside memory.
-    let (status, len, s) = one(&block, ALL_FEATURES, |d| {
-        vec![(MEM_SIZE - 8, 16, false), d.status()]
-    });
+    let (status, len, s) = one(&block, ALL_FEATURES, |d| vec![(MEM_SIZE - 8, 16, false), d.status()]);
     assert_eq!((status, len), (S_IOERR, 1));
     assert_eq!(count(&s.metrics.bad_descriptors), 1);
     assert_eq!(contents(&f), original());
@@ -965,10 +907,7 @@ fn event_idx_suppresses_and_requests_interrupts() {
     let mut s = setup(&block, d.queue(true), &mem, acked);
     s.run();
     assert_eq!(d.used_idx(), 1);
-    assert!(
-        s.irq.causes().is_empty(),
-        "driver wants an interrupt after 6"
-    );
+    assert!(s.irq.causes().is_empty(), "driver wants an interrupt after 6");
     // The device asks to be notified of the next chain.
     assert_eq!(mem.read_obj::<u16>(GuestAddress(avail_event)).unwrap(), 1);
 
@@ -1128,24 +1067,16 @@ fn features_follow_the_mode() {
 fn constructor_refuses_odd_images_and_ids() {
     let f = TempFile::new().unwrap();
     f.as_file().write_all(&[0; 1000]).unwrap();
-    let err = Block::new(
-        "blk0".into(),
-        f.as_file().try_clone().unwrap(),
-        false,
-        "x".into(),
-    )
-    .err()
-    .unwrap();
+    let err = Block::new("blk0".into(), f.as_file().try_clone().unwrap(), false, "x".into())
+        .err()
+        .unwrap();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     assert!(err.to_string().contains("512"), "{err}");
 
     let f = image(1);
     for id in ["123456789012345678901", "disk\u{e9}"] {
         let file = f.as_file().try_clone().unwrap();
-        assert!(
-            Block::new("blk0".into(), file, false, id.into()).is_err(),
-            "{id}"
-        );
+        assert!(Block::new("blk0".into(), file, false, id.into()).is_err(), "{id}");
     }
     let file = f.as_file().try_clone().unwrap();
     assert!(Block::new("blk0".into(), file, false, "12345678901234567890".into()).is_ok());
