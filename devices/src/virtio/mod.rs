@@ -8,8 +8,11 @@
 //! and a DMA view and serves them on its own worker thread, woken by
 //! ioeventfds and answering through irqfds, never through the vCPU thread.
 
+pub mod console;
 pub mod metrics;
 pub mod mmio;
+pub mod net;
+pub mod rng;
 pub mod transport;
 pub mod worker;
 
