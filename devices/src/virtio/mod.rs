@@ -9,8 +9,11 @@
 //! ioeventfds and answering through irqfds, never through the vCPU thread.
 
 pub mod block;
+pub mod console;
 pub mod metrics;
 pub mod mmio;
+pub mod net;
+pub mod rng;
 pub mod transport;
 pub mod worker;
 
