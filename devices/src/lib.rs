@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod dma;
 pub mod legacy;
+pub mod pci;
 pub mod stop;
 pub mod virtio;
 
