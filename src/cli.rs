@@ -14,7 +14,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a VM: a Linux kernel, or veil's built-in test guest when no --kernel is given.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Measure veil (boot time, memory overhead).
     Bench(BenchArgs),
 }

@@ -95,7 +95,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Bench(b) => match b.what {
             BenchCommand::Boot { .. } => veil::bench::boot(b.what),
         },

@@ -56,6 +56,8 @@ pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
+/// PCI configuration mechanism #1 (address at 0xCF8, data at 0xCFC).
+pub const PCI_CONFIG_PORT: u64 = 0xcf8;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;

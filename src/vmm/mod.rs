@@ -2,6 +2,7 @@
 //! the guest stops, fails or runs out of time.
 
 mod devices;
+mod irq;
 mod loader;
 mod memory;
 mod vcpu;
@@ -65,7 +66,7 @@ pub struct RunReport {
 }
 
 pub struct Vm {
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     ram: GuestRam,
     vcpus: Vec<Vcpu>,
     starts: Vec<Start>,
@@ -186,7 +187,7 @@ impl Vm {
                 ),
             ));
         }
-        let vm_fd = kvm.create_vm().map_err(kvm_err("cannot create VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("cannot create VM"))?);
         vm_fd
             .set_tss_address(KVM_TSS_ADDR)
             .map_err(kvm_err("cannot set TSS address"))?;
@@ -237,7 +238,7 @@ impl Vm {
         )
         .map_err(bus_err)?;
         let mut device_manager = devices::DeviceManager::new();
-        devices::attach_configured(&mut device_manager, config, &vm_fd, &mut mmio, &ram.host_view)?;
+        devices::attach_configured(&mut device_manager, config, &vm_fd, &mut pio, &mut mmio, &ram.host_view)?;
 
         // Boot structures, now that the devices are known.
         if config.kernel.is_none() || cmdline.split_whitespace().any(|w| w == "acpi=off") {
@@ -262,7 +263,7 @@ impl Vm {
             sleep_status_port: ACPI_SLEEP_STATUS_PORT,
             serial: Some((COM1_PORT, COM1_IRQ)),
             virtio_mmio: device_manager.acpi_mmio.clone(),
-            pci_ecam: None,
+            pci_ecam: device_manager.pci_ecam(),
         };
         veil_arch::acpi::write_acpi_tables(
             mem,

@@ -212,14 +212,7 @@ impl PciRoot {
 
     /// A configuration read of `bus:device.function` at `offset`. Absent
     /// functions and invalid accesses read as all-ones.
-    pub fn config_read(
-        &mut self,
-        bus: u8,
-        device: u8,
-        function: u8,
-        offset: usize,
-        data: &mut [u8],
-    ) {
+    pub fn config_read(&mut self, bus: u8, device: u8, function: u8, offset: usize, data: &mut [u8]) {
         match self.function(bus, device, function) {
             Some(slot) if valid_access(offset, data.len()) => {
                 if let Some(s) = self.slots[slot].as_mut() {
@@ -237,10 +230,7 @@ impl PciRoot {
             return;
         };
         if !valid_access(offset, data.len()) {
-            return log::debug!(
-                "PCI: dropped {}-byte config write at {offset:#x}",
-                data.len()
-            );
+            return log::debug!("PCI: dropped {}-byte config write at {offset:#x}", data.len());
         }
         if let Some(s) = self.slots[slot].as_mut() {
             s.device.write_config(offset, data);
@@ -258,9 +248,7 @@ impl PciRoot {
         for bar in 0..NUM_BARS {
             let config = s.device.config();
             let now = match (config.bar_address(bar), config.bar_size(bar)) {
-                (Some(at), Some(len)) if config.memory_enabled() && at >= lo && at + len <= hi => {
-                    Some(at)
-                }
+                (Some(at), Some(len)) if config.memory_enabled() && at >= lo && at + len <= hi => Some(at),
                 _ => None,
             };
             let before = s.decoded[bar];
@@ -351,14 +339,10 @@ impl BusDevice for PciConfigIo {
             // The address register answers dword accesses only; narrower
             // ones are other (absent) legacy registers.
             0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
-            4..=7 if (offset - 4) as usize + data.len() <= 4 => {
-                match self.target((offset - 4) as usize) {
-                    Some((bus, dev, func, reg)) => {
-                        lock(&self.root).config_read(bus, dev, func, reg, data)
-                    }
-                    None => data.fill(0xff),
-                }
-            }
+            4..=7 if (offset - 4) as usize + data.len() <= 4 => match self.target((offset - 4) as usize) {
+                Some((bus, dev, func, reg)) => lock(&self.root).config_read(bus, dev, func, reg, data),
+                None => data.fill(0xff),
+            },
             _ => data.fill(0xff),
         }
     }
@@ -482,17 +466,11 @@ mod tests {
             self.config.as_mut().unwrap()
         }
         fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-            self.accesses
-                .lock()
-                .unwrap()
-                .push((bar, offset, data.len()));
+            self.accesses.lock().unwrap().push((bar, offset, data.len()));
             data.fill(0x5a);
         }
         fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
-            self.accesses
-                .lock()
-                .unwrap()
-                .push((bar, offset, data.len()));
+            self.accesses.lock().unwrap().push((bar, offset, data.len()));
         }
         fn bar_moved(&mut self, bar: usize, old: Option<u64>, new: Option<u64>) {
             self.moves.lock().unwrap().push((bar, old, new));
@@ -504,8 +482,7 @@ mod tests {
     }
 
     fn conf1_address(dev: u8, func: u8, reg: u8) -> [u8; 4] {
-        (CONFIG_ADDRESS_ENABLE | u32::from(dev) << 11 | u32::from(func) << 8 | u32::from(reg))
-            .to_le_bytes()
+        (CONFIG_ADDRESS_ENABLE | u32::from(dev) << 11 | u32::from(func) << 8 | u32::from(reg)).to_le_bytes()
     }
 
     fn conf1_read32(io: &mut PciConfigIo, dev: u8, reg: u8) -> u32 {
@@ -524,9 +501,7 @@ mod tests {
     #[test]
     fn mechanism_one_and_ecam_read_the_same_ids() {
         let root = root();
-        let slot = lock(&root)
-            .add_device(Box::new(Probe::new(0x1000)))
-            .unwrap();
+        let slot = lock(&root).add_device(Box::new(Probe::new(0x1000))).unwrap();
         assert_eq!(slot, 1);
         let mut io = PciConfigIo::new(root.clone());
         let mut ecam = PciConfigMmio::new(root.clone());
@@ -605,8 +580,7 @@ mod tests {
         let mut root = PciRoot::new(WINDOW).unwrap();
         let a = root.add_device(Box::new(Probe::new(0x1000))).unwrap();
         let b = root.add_device(Box::new(Probe::new(0x8000))).unwrap();
-        let bar =
-            |root: &PciRoot, slot| root.device(slot).unwrap().config().bar_address(0).unwrap();
+        let bar = |root: &PciRoot, slot| root.device(slot).unwrap().config().bar_address(0).unwrap();
         assert_eq!(bar(&root, a), 0xc000_0000);
         assert_eq!(bar(&root, b), 0xc000_8000, "aligned to its size");
         assert!(root
@@ -648,10 +622,7 @@ mod tests {
 
         // The guest moves the BAR: the old address goes dead, the new one lives.
         ecam.write(slot << 15 | 0x10, &0xc123_4000u32.to_le_bytes());
-        assert_eq!(
-            moves.lock().unwrap()[1],
-            (0, Some(0xc000_0000), Some(0xc123_4000))
-        );
+        assert_eq!(moves.lock().unwrap()[1], (0, Some(0xc000_0000), Some(0xc123_4000)));
         assert!(!lock(&root).bar_read(0xc000_0010, &mut d));
         assert!(lock(&root).bar_read(0xc123_4010, &mut d));
         assert_eq!(accesses.lock().unwrap().last(), Some(&(0, 0x10, 4)));

@@ -48,8 +48,7 @@ pub mod command {
     pub const INTX_DISABLE: u16 = 1 << 10;
     /// What the guest may set. I/O space stays hard-wired to 0: no function
     /// here has an I/O BAR.
-    pub const WRITABLE: u16 =
-        MEMORY_SPACE | BUS_MASTER | PARITY_ERROR_RESPONSE | SERR_ENABLE | INTX_DISABLE;
+    pub const WRITABLE: u16 = MEMORY_SPACE | BUS_MASTER | PARITY_ERROR_RESPONSE | SERR_ENABLE | INTX_DISABLE;
 }
 
 /// Status register bits.
@@ -121,12 +120,10 @@ impl ConfigSpace {
         space.set_u16(reg::VENDOR_ID, ids.vendor);
         space.set_u16(reg::DEVICE_ID, ids.device);
         space.bytes[reg::REVISION_ID] = ids.revision;
-        space.bytes[reg::CLASS_CODE..reg::CLASS_CODE + 3]
-            .copy_from_slice(&ids.class.to_le_bytes()[..3]);
+        space.bytes[reg::CLASS_CODE..reg::CLASS_CODE + 3].copy_from_slice(&ids.class.to_le_bytes()[..3]);
         space.set_u16(reg::SUBSYSTEM_VENDOR_ID, ids.subsystem_vendor);
         space.set_u16(reg::SUBSYSTEM_ID, ids.subsystem);
-        space.writable[reg::COMMAND..reg::COMMAND + 2]
-            .copy_from_slice(&command::WRITABLE.to_le_bytes());
+        space.writable[reg::COMMAND..reg::COMMAND + 2].copy_from_slice(&command::WRITABLE.to_le_bytes());
         // Scratch registers for firmware and the OS.
         space.writable[reg::CACHE_LINE_SIZE] = 0xff;
         space.writable[reg::INTERRUPT_LINE] = 0xff;
@@ -195,12 +192,7 @@ impl ConfigSpace {
     /// ID and next-pointer bytes; `writable` masks the body's bytes the
     /// guest may change (it may be shorter than `body`). Returns the
     /// capability's offset.
-    pub fn add_capability(
-        &mut self,
-        id: u8,
-        body: &[u8],
-        writable: &[u8],
-    ) -> Result<usize, ConfigError> {
+    pub fn add_capability(&mut self, id: u8, body: &[u8], writable: &[u8]) -> Result<usize, ConfigError> {
         let len = body.len() + 2;
         if len > LEGACY_CONFIG_SIZE - reg::HEADER_END || writable.len() > body.len() {
             return Err(ConfigError::CapabilityLength(len));
@@ -350,10 +342,7 @@ mod tests {
     fn bad_bars_are_refused() {
         let mut s = space();
         assert_eq!(s.add_memory_bar(6, 0x1000), Err(ConfigError::BarIndex(6)));
-        assert_eq!(
-            s.add_memory_bar(0, 0x1800),
-            Err(ConfigError::BarSize(0x1800))
-        );
+        assert_eq!(s.add_memory_bar(0, 0x1800), Err(ConfigError::BarSize(0x1800)));
         assert_eq!(s.add_memory_bar(0, 8), Err(ConfigError::BarSize(8)));
         s.add_memory_bar(0, 0x1000).unwrap();
         assert_eq!(s.add_memory_bar(0, 0x1000), Err(ConfigError::BarIndex(0)));

@@ -71,12 +71,7 @@ impl Default for Entry {
 
 /// Builds the capability body (after ID and next pointer) and the mask of
 /// its writable bytes, for a table and PBA in BAR `bar`.
-pub fn capability(
-    vectors: usize,
-    bar: u8,
-    table_offset: u32,
-    pba_offset: u32,
-) -> ([u8; 10], [u8; 2]) {
+pub fn capability(vectors: usize, bar: u8, table_offset: u32, pba_offset: u32) -> ([u8; 10], [u8; 2]) {
     debug_assert!((1..=MAX_VECTORS).contains(&vectors));
     debug_assert!(table_offset.is_multiple_of(8) && pba_offset.is_multiple_of(8));
     let mut body = [0; 10];
@@ -161,8 +156,7 @@ impl MsixTable {
     fn sync_route(&mut self, vector: usize) -> io::Result<()> {
         let message = self.entries[vector].message;
         if self.routed[vector] != Some(message) {
-            self.router
-                .set_route(self.vectors[vector].gsi, Some(message))?;
+            self.router.set_route(self.vectors[vector].gsi, Some(message))?;
             self.routed[vector] = Some(message);
         }
         Ok(())
@@ -308,10 +302,7 @@ impl MsixTable {
     /// A read of the pending-bit array: aligned dwords or qwords only.
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) -> bool {
         let len = data.len() as u64;
-        if !matches!(len, 4 | 8)
-            || !offset.is_multiple_of(len)
-            || offset + len > pba_size(self.len())
-        {
+        if !matches!(len, 4 | 8) || !offset.is_multiple_of(len) || offset + len > pba_size(self.len()) {
             return false;
         }
         let word = self.pending[(offset / 8) as usize];
@@ -356,11 +347,7 @@ mod tests {
     #[test]
     fn capability_encodes_size_and_locations() {
         let (body, writable) = capability(3, 0, 0x4000, 0x5000);
-        assert_eq!(
-            u16::from_le_bytes([body[0], body[1]]),
-            2,
-            "table size is N-1"
-        );
+        assert_eq!(u16::from_le_bytes([body[0], body[1]]), 2, "table size is N-1");
         assert_eq!(&body[2..6], &0x4000u32.to_le_bytes());
         assert_eq!(&body[6..10], &0x5000u32.to_le_bytes());
         assert_eq!(writable, [0, 0xc0]);
@@ -379,11 +366,7 @@ mod tests {
         assert!(t.read_table(16, &mut q));
         assert_eq!(u64::from_le_bytes(q), 0xfee0_1000, "bits 1:0 are read-only");
         assert!(t.read_table(24, &mut q));
-        assert_eq!(
-            u64::from_le_bytes(q),
-            0x1_0000_4041,
-            "data, then masked control"
-        );
+        assert_eq!(u64::from_le_bytes(q), 0x1_0000_4041, "data, then masked control");
         // Nothing is routed while masked or disabled.
         assert!(router.calls().is_empty());
         // Bad accesses: wrong width, misaligned, past the table.

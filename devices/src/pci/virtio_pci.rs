@@ -162,10 +162,7 @@ impl BarLayout {
                 offset: 0,
                 len: common::LEN,
             },
-            isr: Region {
-                offset: PAGE,
-                len: 1,
-            },
+            isr: Region { offset: PAGE, len: 1 },
             device: Region {
                 offset: 2 * PAGE,
                 len: DEVICE_CONFIG_LEN,
@@ -309,11 +306,7 @@ impl VirtioPciInterrupt {
     }
 
     fn queue_vector(&self, queue: u16) -> u16 {
-        self.lock()
-            .queues
-            .get(usize::from(queue))
-            .copied()
-            .unwrap_or(NO_VECTOR)
+        self.lock().queues.get(usize::from(queue)).copied().unwrap_or(NO_VECTOR)
     }
 
     fn set_queue_count(&self, queues: usize) {
@@ -345,9 +338,7 @@ impl VirtioInterrupt for VirtioPciInterrupt {
             let mut v = self.lock();
             if v.msix.enabled() {
                 let vector = match cause {
-                    InterruptCause::Queue(q) => {
-                        v.queues.get(usize::from(q)).copied().unwrap_or(NO_VECTOR)
-                    }
+                    InterruptCause::Queue(q) => v.queues.get(usize::from(q)).copied().unwrap_or(NO_VECTOR),
                     InterruptCause::Config => v.config,
                 };
                 if vector == NO_VECTOR {
@@ -445,26 +436,14 @@ impl VirtioPciDevice {
         let add_vendor = |config: &mut ConfigSpace, body: Vec<u8>, writable: &[u8]| {
             config.add_capability(CAP_ID_VENDOR, &body, writable)
         };
+        add_vendor(&mut config, virtio_cap(cfg_type::COMMON, layout.common, &[]), &[])?;
         add_vendor(
             &mut config,
-            virtio_cap(cfg_type::COMMON, layout.common, &[]),
-            &[],
-        )?;
-        add_vendor(
-            &mut config,
-            virtio_cap(
-                cfg_type::NOTIFY,
-                layout.notify,
-                &NOTIFY_OFF_MULTIPLIER.to_le_bytes(),
-            ),
+            virtio_cap(cfg_type::NOTIFY, layout.notify, &NOTIFY_OFF_MULTIPLIER.to_le_bytes()),
             &[],
         )?;
         add_vendor(&mut config, virtio_cap(cfg_type::ISR, layout.isr, &[]), &[])?;
-        add_vendor(
-            &mut config,
-            virtio_cap(cfg_type::DEVICE, layout.device, &[]),
-            &[],
-        )?;
+        add_vendor(&mut config, virtio_cap(cfg_type::DEVICE, layout.device, &[]), &[])?;
         // PCI_CFG: the driver writes bar, offset, length and data.
         let mut writable = [0u8; 18];
         writable[PCI_CFG_BAR - 2] = 0xff;
@@ -476,12 +455,8 @@ impl VirtioPciDevice {
         )?;
         let msix_cap = match (layout.msix_table, layout.msix_pba) {
             (Some(table), Some(pba)) => {
-                let (body, writable) = msix::capability(
-                    vectors,
-                    VIRTIO_BAR as u8,
-                    table.offset as u32,
-                    pba.offset as u32,
-                );
+                let (body, writable) =
+                    msix::capability(vectors, VIRTIO_BAR as u8, table.offset as u32, pba.offset as u32);
                 Some(config.add_capability(CAP_ID_MSIX, &body, &writable)?)
             }
             _ => None,
@@ -530,8 +505,7 @@ impl VirtioPciDevice {
         };
         (0..self.state.num_queues())
             .map(|q| {
-                let at =
-                    base + self.layout.notify.offset + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+                let at = base + self.layout.notify.offset + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
                 (at, q as u16)
             })
             .collect()
@@ -586,9 +560,7 @@ impl VirtioPciDevice {
             (QUEUE_ENABLE, 2) => queue.map_or(0, |q| u64::from(q.ready)),
             (QUEUE_NOTIFY_OFF, 2) | (QUEUE_NOTIFY_DATA, 2) => queue.map_or(0, |_| u64::from(sel)),
             (QUEUE_RESET, 2) => 0,
-            (r, 4 | 8)
-                if (QUEUE_DESC..QUEUE_NOTIFY_DATA).contains(&r) && r.is_multiple_of(len as u64) =>
-            {
+            (r, 4 | 8) if (QUEUE_DESC..QUEUE_NOTIFY_DATA).contains(&r) && r.is_multiple_of(len as u64) => {
                 let field = queue.map_or(0, |q| match (r - QUEUE_DESC) / 8 {
                     0 => q.desc,
                     1 => q.avail,
@@ -635,17 +607,10 @@ impl VirtioPciDevice {
             }
             (QUEUE_SELECT, 2) => s.select_queue(word),
             (QUEUE_SIZE, 2) => s.set_queue_size(word),
-            (QUEUE_MSIX_VECTOR, 2) => {
-                return self
-                    .interrupt
-                    .set_queue_vector(s.selected_queue(), word as u16)
-            }
+            (QUEUE_MSIX_VECTOR, 2) => return self.interrupt.set_queue_vector(s.selected_queue(), word as u16),
             // Writing 0 is not allowed (§4.1.4.3.2); queue reset is not offered.
             (QUEUE_ENABLE, 2) if word == 1 => s.set_queue_ready(true),
-            (r, 4 | 8)
-                if (QUEUE_DESC..QUEUE_NOTIFY_DATA).contains(&r)
-                    && r.is_multiple_of(data.len() as u64) =>
-            {
+            (r, 4 | 8) if (QUEUE_DESC..QUEUE_NOTIFY_DATA).contains(&r) && r.is_multiple_of(data.len() as u64) => {
                 let which = match (r - QUEUE_DESC) / 8 {
                     0 => QueueAddress::Desc,
                     1 => QueueAddress::Avail,
@@ -734,8 +699,7 @@ impl VirtioPciDevice {
         let bar = usize::from(self.config.u8_at(cap + PCI_CFG_BAR));
         let offset = u64::from(self.config.u32_at(cap + PCI_CFG_OFFSET));
         let len = self.config.u32_at(cap + PCI_CFG_LENGTH) as usize;
-        (bar == VIRTIO_BAR && matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len as u64))
-            .then_some((offset, len))
+        (bar == VIRTIO_BAR && matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len as u64)).then_some((offset, len))
     }
 }
 
@@ -782,8 +746,7 @@ impl PciDevice for VirtioPciDevice {
             return;
         }
         if overlaps(offset, len, reg::COMMAND, 2) {
-            self.interrupt
-                .set_intx_disabled(self.config.intx_disabled());
+            self.interrupt.set_intx_disabled(self.config.intx_disabled());
         }
         if let Some(cap) = self.msix_cap {
             if overlaps(offset, len, cap + 2, 2) {
@@ -884,10 +847,7 @@ mod tests {
         metrics: Arc<DeviceMetrics>,
     }
 
-    fn device_of_type(
-        kind: u32,
-        vectors: usize,
-    ) -> Result<(VirtioPciDevice, Handles), VirtioPciError> {
+    fn device_of_type(kind: u32, vectors: usize) -> Result<(VirtioPciDevice, Handles), VirtioPciError> {
         let router = Arc::new(MockRouter::default());
         let ioevents = Arc::new(MockIoEvents::default());
         let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -903,11 +863,7 @@ mod tests {
             })
             .collect();
         let intx = evt();
-        let interrupt = Arc::new(VirtioPciInterrupt::new(
-            msix,
-            router.clone(),
-            intx.try_clone().unwrap(),
-        ));
+        let interrupt = Arc::new(VirtioPciInterrupt::new(msix, router.clone(), intx.try_clone().unwrap()));
         let activations = Activations::default();
         let metrics = Arc::new(DeviceMetrics::default());
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -923,13 +879,8 @@ mod tests {
             metrics.clone(),
         )
         .unwrap();
-        let notify = state
-            .notify_events()
-            .iter()
-            .map(|e| e.try_clone().unwrap())
-            .collect();
-        let dev =
-            VirtioPciDevice::new(state, interrupt.clone(), INTX_LINE, Some(ioevents.clone()))?;
+        let notify = state.notify_events().iter().map(|e| e.try_clone().unwrap()).collect();
+        let dev = VirtioPciDevice::new(state, interrupt.clone(), INTX_LINE, Some(ioevents.clone()))?;
         Ok((
             dev,
             Handles {
@@ -983,11 +934,7 @@ mod tests {
         /// `(offset, id)` of each capability, walked through config reads.
         fn caps(&mut self) -> Vec<(usize, u8)> {
             let mut caps = Vec::new();
-            assert_ne!(
-                self.cfg_read(reg::STATUS, 2) & 0x10,
-                0,
-                "capability list bit"
-            );
+            assert_ne!(self.cfg_read(reg::STATUS, 2) & 0x10, 0, "capability list bit");
             let mut at = self.cfg_read(reg::CAPABILITIES_POINTER, 1) as usize;
             while at != 0 {
                 assert!(caps.len() < 48, "capability loop");
@@ -1002,9 +949,7 @@ mod tests {
             let caps = self.caps();
             let (at, _) = *caps
                 .iter()
-                .find(|&&(at, id)| {
-                    id == CAP_ID_VENDOR && self.cfg_read(at + 3, 1) == u32::from(kind)
-                })
+                .find(|&&(at, id)| id == CAP_ID_VENDOR && self.cfg_read(at + 3, 1) == u32::from(kind))
                 .expect("virtio capability");
             (
                 at,
@@ -1022,11 +967,7 @@ mod tests {
         }
 
         fn enable_memory(&mut self) {
-            self.cfg_write(
-                reg::COMMAND,
-                2,
-                u32::from(command::MEMORY_SPACE | command::BUS_MASTER),
-            );
+            self.cfg_write(reg::COMMAND, 2, u32::from(command::MEMORY_SPACE | command::BUS_MASTER));
         }
 
         fn bar(&mut self) -> u64 {
@@ -1069,11 +1010,7 @@ mod tests {
         fn program_vector(&mut self, vector: u64, message: MsiMessage) {
             let cap = self.msix_cap().unwrap();
             let table = u64::from(self.cfg_read(cap + 4, 4));
-            self.cfg_write(
-                cap + 2,
-                2,
-                u32::from(CONTROL_ENABLE | CONTROL_FUNCTION_MASK),
-            );
+            self.cfg_write(cap + 2, 2, u32::from(CONTROL_ENABLE | CONTROL_FUNCTION_MASK));
             let entry = (table & !7) + vector * msix::ENTRY_SIZE;
             self.write(entry, 4, message.address & 0xffff_ffff);
             self.write(entry + 4, 4, message.address >> 32);
@@ -1106,10 +1043,7 @@ mod tests {
         assert_eq!(g.cfg_read(reg::INTERRUPT_LINE, 1), u32::from(INTX_LINE));
         assert_eq!(class_code(device_type::NET), 0x02_00_00);
         assert_eq!(class_code(device_type::RNG), 0xff_00_00);
-        assert!(matches!(
-            device_of_type(0x40, 1),
-            Err(VirtioPciError::DeviceType(0x40))
-        ));
+        assert!(matches!(device_of_type(0x40, 1), Err(VirtioPciError::DeviceType(0x40))));
     }
 
     #[test]
@@ -1166,11 +1100,7 @@ mod tests {
         g.set_common(DEVICE_STATUS, 1, 0);
         assert_eq!(g.common(DEVICE_STATUS, 1), 0);
         g.set_common(DEVICE_STATUS, 1, u64::from(status::ACKNOWLEDGE));
-        g.set_common(
-            DEVICE_STATUS,
-            1,
-            u64::from(status::ACKNOWLEDGE | status::DRIVER),
-        );
+        g.set_common(DEVICE_STATUS, 1, u64::from(status::ACKNOWLEDGE | status::DRIVER));
         let mut offered = 0;
         for sel in 0..2 {
             g.set_common(DEVICE_FEATURE_SELECT, 4, sel);
@@ -1229,10 +1159,7 @@ mod tests {
     fn notify_addresses_are_distinct_and_follow_the_bar() {
         let mut g = Guest::new(0);
         let (_, _, notify, notify_len) = g.virtio_cap(cfg_type::NOTIFY);
-        assert!(
-            g.h.ioevents.registered.lock().unwrap().is_empty(),
-            "not decoding yet"
-        );
+        assert!(g.h.ioevents.registered.lock().unwrap().is_empty(), "not decoding yet");
         g.enable_memory();
         let bar = g.bar();
         let mut addrs = Vec::new();
@@ -1252,10 +1179,7 @@ mod tests {
 
         // The guest moves the BAR: the ioeventfds move with it.
         g.cfg_write(reg::BAR0, 4, 0xc100_0000);
-        assert_eq!(
-            *g.h.ioevents.registered.lock().unwrap(),
-            vec![0xc100_3000, 0xc100_3004]
-        );
+        assert_eq!(*g.h.ioevents.registered.lock().unwrap(), vec![0xc100_3000, 0xc100_3004]);
         // Memory decode off: none left.
         g.cfg_write(reg::COMMAND, 2, 0);
         assert!(g.h.ioevents.registered.lock().unwrap().is_empty());
@@ -1264,10 +1188,7 @@ mod tests {
         let (mut dev, h) = device_of_type(device_type::NET, 1).unwrap();
         assert!(dev.notify_addresses().is_empty());
         dev.bar_moved(VIRTIO_BAR, None, Some(0xd000_0000));
-        assert_eq!(
-            dev.notify_addresses(),
-            vec![(0xd000_3000, 0), (0xd000_3004, 1)]
-        );
+        assert_eq!(dev.notify_addresses(), vec![(0xd000_3000, 0), (0xd000_3004, 1)]);
         drop(dev);
         assert!(h.ioevents.registered.lock().unwrap().is_empty(), "dropped");
     }
@@ -1345,10 +1266,7 @@ mod tests {
         let mut g = Guest::new(2);
         g.enable_memory();
         g.set_common(common::CONFIG_MSIX_VECTOR, 2, 2);
-        assert_eq!(
-            g.common(common::CONFIG_MSIX_VECTOR, 2),
-            u64::from(NO_VECTOR)
-        );
+        assert_eq!(g.common(common::CONFIG_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
         g.set_common(common::QUEUE_SELECT, 2, 0);
         g.set_common(common::QUEUE_MSIX_VECTOR, 2, 1);
         g.set_common(common::QUEUE_MSIX_VECTOR, 2, 7);
@@ -1364,10 +1282,7 @@ mod tests {
         let mut g = Guest::new(0);
         g.enable_memory();
         g.set_common(common::CONFIG_MSIX_VECTOR, 2, 0);
-        assert_eq!(
-            g.common(common::CONFIG_MSIX_VECTOR, 2),
-            u64::from(NO_VECTOR)
-        );
+        assert_eq!(g.common(common::CONFIG_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
         g.set_common(common::CONFIG_MSIX_VECTOR, 2, u64::from(NO_VECTOR));
         assert_eq!(g.bad(), 1);
     }
@@ -1475,36 +1390,23 @@ mod tests {
         // Works with memory decoding off: that is what it is for.
         let (cap, ..) = g.virtio_cap(cfg_type::PCI);
         g.cfg_write(cap + PCI_CFG_BAR, 1, 0);
-        g.cfg_write(
-            cap + PCI_CFG_OFFSET,
-            4,
-            common::DEVICE_FEATURE_SELECT as u32,
-        );
+        g.cfg_write(cap + PCI_CFG_OFFSET, 4, common::DEVICE_FEATURE_SELECT as u32);
         g.cfg_write(cap + PCI_CFG_LENGTH, 4, 4);
         g.cfg_write(cap + PCI_CFG_DATA, 4, 1);
         g.cfg_write(cap + PCI_CFG_OFFSET, 4, common::DEVICE_FEATURE as u32);
-        assert_eq!(
-            g.cfg_read(cap + PCI_CFG_DATA, 4),
-            (features::VERSION_1 >> 32) as u32
-        );
+        assert_eq!(g.cfg_read(cap + PCI_CFG_DATA, 4), (features::VERSION_1 >> 32) as u32);
         // A byte access through it.
         g.cfg_write(cap + PCI_CFG_OFFSET, 4, common::DEVICE_STATUS as u32);
         g.cfg_write(cap + PCI_CFG_LENGTH, 4, 1);
         g.cfg_write(cap + PCI_CFG_DATA, 4, u32::from(status::ACKNOWLEDGE));
-        assert_eq!(
-            g.cfg_read(cap + PCI_CFG_DATA, 1),
-            u32::from(status::ACKNOWLEDGE)
-        );
+        assert_eq!(g.cfg_read(cap + PCI_CFG_DATA, 1), u32::from(status::ACKNOWLEDGE));
         assert_eq!(g.bad(), 0);
         // A bad length is refused and counted.
         g.cfg_write(cap + PCI_CFG_LENGTH, 4, 3);
         g.cfg_write(cap + PCI_CFG_DATA, 4, 0);
         assert_eq!(g.bad(), 1);
         g.enable_memory();
-        assert_eq!(
-            g.common(common::DEVICE_STATUS, 1),
-            u64::from(status::ACKNOWLEDGE)
-        );
+        assert_eq!(g.common(common::DEVICE_STATUS, 1), u64::from(status::ACKNOWLEDGE));
     }
 
     #[test]
@@ -1518,10 +1420,7 @@ mod tests {
         g.h.interrupt.trigger(InterruptCause::Config).unwrap();
         g.set_common(common::DEVICE_STATUS, 1, 0);
         assert_eq!(g.isr(), 0);
-        assert_eq!(
-            g.common(common::CONFIG_MSIX_VECTOR, 2),
-            u64::from(NO_VECTOR)
-        );
+        assert_eq!(g.common(common::CONFIG_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
         g.set_common(common::QUEUE_SELECT, 2, 1);
         assert_eq!(g.common(common::QUEUE_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
         assert_eq!(g.common(common::DEVICE_FEATURE_SELECT, 4), 0);
