@@ -10,6 +10,7 @@ enum Reg {
     Edx,
 }
 
+
 /// One CPUID feature bit, by the name Linux gives it in /proc/cpuinfo.
 #[derive(Debug)]
 struct Feature {
@@ -51,6 +52,7 @@ const FEATURES: &[Feature] = &[
     feature("umip", 7, Reg::Ecx, 2),
     feature("pku", 7, Reg::Ecx, 3),
     feature("la57", 7, Reg::Ecx, 16),
+    feature("fsrm", 7, Reg::Edx, 4),
     feature("pdpe1gb", 0x8000_0001, Reg::Edx, 26),
     feature("rdtscp", 0x8000_0001, Reg::Edx, 27),
 ];
