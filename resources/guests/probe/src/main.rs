@@ -21,6 +21,7 @@
 mod acpi;
 mod boot;
 mod bootinfo;
+mod hostile;
 mod mem;
 mod memtest;
 mod serial;
@@ -38,7 +39,11 @@ const STATUS_CRASH: u32 = 3;
 type Workload = fn(&BootInfo) -> bool;
 
 /// The workloads, by `probe.mode` name. Add new ones here.
-const MODES: &[(&str, Workload)] = &[("basic", basic), ("fault", fault)];
+const MODES: &[(&str, Workload)] = &[
+    ("basic", basic),
+    ("fault", fault),
+    ("hostile", hostile::run),
+];
 
 /// The BSP at CPL3, from `_start` (boot.rs).
 pub extern "C" fn bsp_main(boot_params: u64) -> ! {
