@@ -5,11 +5,11 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 #[derive(Clone, Copy, Debug)]
 enum Reg {
+    Eax,
     Ebx,
     Ecx,
     Edx,
 }
-
 
 /// One CPUID feature bit, by the name Linux gives it in /proc/cpuinfo.
 #[derive(Debug)]
@@ -55,7 +55,14 @@ const FEATURES: &[Feature] = &[
     feature("fsrm", 7, Reg::Edx, 4),
     feature("pdpe1gb", 0x8000_0001, Reg::Edx, 26),
     feature("rdtscp", 0x8000_0001, Reg::Edx, 27),
+    // KVM's paravirtual features (leaf 0x4000_0001), by their KVM_FEATURE_
+    // names. These three make the guest issue hypercalls (vmcall).
+    feature("kvm_pv_unhalt", KVM_FEATURES_LEAF, Reg::Eax, 7),
+    feature("kvm_pv_send_ipi", KVM_FEATURES_LEAF, Reg::Eax, 11),
+    feature("kvm_pv_sched_yield", KVM_FEATURES_LEAF, Reg::Eax, 13),
 ];
+
+const KVM_FEATURES_LEAF: u32 = 0x4000_0001;
 
 /// Features that only work together with another one: hiding the first
 /// hides the rest too, so a guest never sees e.g. AVX without XSAVE.
@@ -96,6 +103,7 @@ pub fn resolve_hidden(names: &[String]) -> Result<Vec<&'static str>, String> {
 
 fn reg_mut(entry: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     match reg {
+        Reg::Eax => &mut entry.eax,
         Reg::Ebx => &mut entry.ebx,
         Reg::Ecx => &mut entry.ecx,
         Reg::Edx => &mut entry.edx,
@@ -172,6 +180,11 @@ mod tests {
                 edx: 9,
                 ..Default::default()
             },
+            kvm_cpuid_entry2 {
+                function: KVM_FEATURES_LEAF,
+                eax: u32::MAX,
+                ..Default::default()
+            },
         ];
         CpuId::from_entries(&entries).unwrap()
     }
@@ -207,6 +220,14 @@ mod tests {
         filter_cpuid(&mut c, 0, 1, &hidden);
         assert_eq!(c.as_slice()[1].ebx & (1 << 20), 0);
         assert_eq!(c.as_slice()[2].ebx, u32::MAX);
+    }
+
+    #[test]
+    fn kvm_paravirtual_features_can_be_hidden() {
+        let hidden = resolve_hidden(&["kvm_pv_send_ipi".into(), "kvm_pv_unhalt".into()]).unwrap();
+        let mut c = sample();
+        filter_cpuid(&mut c, 0, 1, &hidden);
+        assert_eq!(c.as_slice()[5].eax, u32::MAX & !(1 << 11) & !(1 << 7));
     }
 
     #[test]

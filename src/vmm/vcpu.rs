@@ -123,9 +123,12 @@ impl Vcpu {
                 return;
             }
             if shared.stop.reason().is_some() {
-                return;
+                break;
             }
         }
+        // Where each vCPU was when the VM stopped: the first clue when a
+        // guest hangs or times out.
+        log::info!("vCPU {} stopped at RIP {}", self.id, rip(&self.fd));
     }
 
     fn step(&mut self, shared: &VcpuShared) -> Result<(), Error> {
