@@ -63,6 +63,9 @@ pub struct RunReport {
     pub rss_overhead_kib: u64,
     pub guest_ram_resident_kib: u64,
     pub devices: std::collections::BTreeMap<String, devices::DeviceReport>,
+    /// CPU time (ns, from /proc schedstat) of each veil thread by name:
+    /// `veil` (main loop), `vcpuN`, and one worker per device (`blk0`, ...).
+    pub thread_cpu_ns: std::collections::BTreeMap<String, u64>,
 }
 
 pub struct Vm {
@@ -335,6 +338,7 @@ impl Vm {
             counters: ExitCounters::default(),
             cr3,
             first_entry_unix_ns: AtomicU64::new(0),
+            vcpu_cpu_ns: Mutex::new(Vec::new()),
         });
         Ok(Vm {
             vm_fd,
@@ -463,6 +467,13 @@ impl Reporter {
             rss_overhead_kib: rss.saturating_sub(shmem),
             guest_ram_resident_kib: shmem,
             devices: self.device_manager.metrics(),
+            thread_cpu_ns: {
+                let mut t = thread_cpu_ns();
+                for (id, ns) in self.shared.vcpu_cpu_ns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    t.insert(format!("vcpu{id}"), *ns);
+                }
+                t
+            },
         }
     }
 
@@ -495,6 +506,23 @@ impl MutEventSubscriber for MetricsOnSignal {
             log::warn!("cannot watch SIGUSR1: {e:?}");
         }
     }
+}
+
+/// CPU time of each live thread of this process, by thread name. A name
+/// shared by several threads (never, today) would add up.
+fn thread_cpu_ns() -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim().to_string();
+        let ns = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+            .unwrap_or(0);
+        *out.entry(name).or_insert(0) += ns;
+    }
+    out
 }
 
 /// (VmRSS, RssShmem) of this process in KiB. Guest RAM is a memfd, so it

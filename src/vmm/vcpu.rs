@@ -24,6 +24,8 @@ pub struct VcpuShared {
     pub cr3: u64,
     /// Wall-clock time (Unix ns) when the boot CPU first entered the guest.
     pub first_entry_unix_ns: AtomicU64,
+    /// CPU time (ns) each vCPU thread used, recorded as it ends.
+    pub vcpu_cpu_ns: Mutex<Vec<(u8, u64)>>,
 }
 
 /// Exits by kind, over all vCPUs.
@@ -129,6 +131,11 @@ impl Vcpu {
         // Where each vCPU was when the VM stopped: the first clue when a
         // guest hangs or times out.
         log::info!("vCPU {} stopped at RIP {}", self.id, rip(&self.fd));
+        let cpu_ns = std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(0);
+        shared.vcpu_cpu_ns.lock().unwrap_or_else(|e| e.into_inner()).push((self.id, cpu_ns));
     }
 
     fn step(&mut self, shared: &VcpuShared) -> Result<(), Error> {
