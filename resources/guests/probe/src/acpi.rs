@@ -1,7 +1,7 @@
 //! ACPI, as far as the probe needs it: RSDP -> XSDT (or RSDT) -> MADT, to
 //! count the enabled Local APICs and find the Multiprocessor Wakeup
-//! mailbox. Every table checksum is checked, and every table must lie in
-//! memory the e820 map describes.
+//! mailbox, and MCFG, for the PCI ECAM window. Every table checksum is
+//! checked, and every table must lie in memory the e820 map describes.
 
 use crate::boot::MAX_CPUS;
 use crate::bootinfo::{peek, BootInfo};
@@ -30,6 +30,8 @@ pub struct Acpi {
     /// The first MAX_CPUS of their APIC IDs.
     pub apic_ids: [u32; MAX_CPUS],
     pub mailbox: Option<Mailbox>,
+    /// ECAM base of PCI segment 0, bus 0 (MCFG), if there is one.
+    pub ecam: Option<u64>,
     /// The first problem found, if any.
     pub error: Option<&'static str>,
     /// Where the tables are: the RAM test stays away from these.
@@ -103,6 +105,7 @@ pub fn parse(info: &BootInfo) -> Acpi {
         cpus: 0,
         apic_ids: [0; MAX_CPUS],
         mailbox: None,
+        ecam: None,
         error: None,
         regions: [(0, 0); MAX_REGIONS],
         nregions: 0,
@@ -163,6 +166,11 @@ pub fn parse(info: &BootInfo) -> Acpi {
                 parse_madt(&mut acpi, table, len);
             }
         }
+        if unsafe { peek::<[u8; 4]>(table) } == *b"MCFG" && acpi.ecam.is_none() {
+            if let Some(len) = check_table(&mut acpi, info, table) {
+                parse_mcfg(&mut acpi, table, len);
+            }
+        }
     }
     if acpi.madt == 0 {
         acpi.fail("no_madt");
@@ -206,6 +214,23 @@ fn parse_madt(acpi: &mut Acpi, madt: u64, len: u64) {
             _ => {}
         }
         at += elen;
+    }
+}
+
+/// MCFG (PCI Firmware spec 4.1.2): after the header, 8 reserved bytes, then
+/// 16-byte entries: u64 base, u16 segment, u8 start bus, u8 end bus, u32
+/// reserved. The base is where bus 0 would be, whatever the start bus.
+fn parse_mcfg(acpi: &mut Acpi, mcfg: u64, len: u64) {
+    let mut at = mcfg + HEADER_LEN + 8;
+    // SAFETY: [mcfg, mcfg + len) was checked; each entry lies inside it.
+    while at + 16 <= mcfg + len {
+        let (base, segment, start) =
+            unsafe { (peek::<u64>(at), peek::<u16>(at + 8), peek::<u8>(at + 10)) };
+        if segment == 0 && start == 0 {
+            acpi.ecam = Some(base);
+            return;
+        }
+        at += 16;
     }
 }
 

@@ -8,7 +8,7 @@
 //! with its status:
 //!
 //! * 0: every check passed;
-//! * 1: a check failed (RAM, ACPI, an AP, the shared counter);
+//! * 1: a check failed (RAM, ACPI, an AP, the shared counter, a virtio device);
 //! * 2: unknown `probe.mode`;
 //! * 3: the probe crashed (a CPU exception, or a Rust panic).
 //!
@@ -18,14 +18,20 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod acpi;
 mod boot;
 mod bootinfo;
+mod hal;
+mod heap;
 mod hostile;
 mod mem;
 mod memtest;
 mod serial;
 mod smp;
+mod time;
+mod virtio;
 
 use bootinfo::{param, BootInfo};
 use serial::Line;
@@ -43,6 +49,7 @@ const MODES: &[(&str, Workload)] = &[
     ("basic", basic),
     ("fault", fault),
     ("hostile", hostile::run),
+    ("bench", virtio::bench),
 ];
 
 /// The BSP at CPL3, from `_start` (boot.rs).
@@ -64,7 +71,7 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     serial::exit(status)
 }
 
-/// The full check: memory map, paging, ACPI, RAM, SMP.
+/// The full check: memory map, paging, ACPI, RAM, SMP, virtio devices.
 fn basic(info: &BootInfo) -> bool {
     for e in info.e820() {
         Line::new("e820")
@@ -119,7 +126,10 @@ fn basic(info: &BootInfo) -> bool {
     line.emit();
 
     let smp_ok = smp::run(&acpi);
-    acpi.error.is_none() && ram.bad_pages == 0 && ram.pages != 0 && smp_ok
+    // The virtio devices, if any (after the RAM test: they use RAM it
+    // tested).
+    let virtio_ok = virtio::run(info, &acpi);
+    acpi.error.is_none() && ram.bad_pages == 0 && ram.pages != 0 && smp_ok && virtio_ok
 }
 
 /// Read from an address the probe never maps (512 GiB), to check the

@@ -31,7 +31,7 @@ pub fn exit(status: u32) -> ! {
 /// One output line, built in a buffer and written with `emit`. Anything
 /// beyond the buffer is cut.
 pub struct Line {
-    buf: [u8; 120],
+    buf: [u8; 200],
     len: usize,
 }
 
@@ -39,7 +39,7 @@ impl Line {
     /// `PROBE <topic>`
     pub fn new(topic: &str) -> Self {
         let mut l = Line {
-            buf: [0; 120],
+            buf: [0; 200],
             len: 0,
         };
         l.put(b"PROBE ");

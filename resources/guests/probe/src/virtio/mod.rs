@@ -1,0 +1,399 @@
+//! Driving veil's virtio devices with the `virtio-drivers` crate, at CPL3,
+//! polling (no interrupts).
+//!
+//! `run` (mode `basic`, after the RAM test) finds every device
+//! (discover.rs) and runs one workload per device: block write/verify,
+//! net loopback echo, rng reads, a console line. `bench` (mode `bench`)
+//! runs the block and net benchmarks instead (bench.rs).
+//!
+//! Memory: `reserve` carves one range out of e820 RAM, the highest one
+//! that avoids the probe image, ACPI tables and initrd, and splits it into
+//! the DMA pool (hal.rs) and the heap (heap.rs). In mode `basic` the RAM
+//! test has finished with that memory by then.
+
+mod bench;
+mod blk;
+mod console;
+mod discover;
+mod net;
+mod rng;
+mod transport;
+
+use alloc::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use virtio_drivers::transport::{DeviceType, Transport};
+
+use crate::acpi::{self, Acpi};
+use crate::bootinfo::{param, BootInfo, E820_RAM};
+use crate::hal::{self, DmaPolicy};
+use crate::serial::Line;
+use crate::{boot, heap};
+use discover::Found;
+use transport::{Probed, Stats};
+
+/// TSC ticks to wait for one completion before calling it a timeout
+/// (~5–10 s).
+pub const TIMEOUT: u64 = 20_000_000_000;
+
+const MIB: u64 = 1 << 20;
+/// DMA pool: virtqueues only (bounce buffers would need more).
+const POOL_SIZE: u64 = 2 * MIB;
+/// The heap takes a quarter of the free RAM, within these bounds.
+const HEAP_MIN: u64 = 4 * MIB;
+const HEAP_MAX: u64 = 48 * MIB;
+/// Default seed of the block pattern ("veil").
+const DEFAULT_SEED: u64 = 0x7665_696C;
+
+/// What the workloads share: settings from the command line.
+pub struct Settings<'a> {
+    pub cmdline: &'a [u8],
+    pub seed: u64,
+}
+
+impl Settings<'_> {
+    /// A numeric `probe.<key>=` value, or `default`.
+    pub fn num(&self, key: &str, default: u64) -> u64 {
+        param(self.cmdline, key)
+            .and_then(discover::parse_num)
+            .unwrap_or(default)
+    }
+}
+
+/// How a device is called in the output: `dev=blk0 transport=mmio`.
+#[derive(Clone, Copy)]
+pub struct Name {
+    /// `blk`, `net`, `rng`, `console`, `other`.
+    pub kind: &'static str,
+    /// Per kind, in discovery order.
+    pub index: u32,
+    /// `mmio` or `pci`.
+    pub bus: &'static str,
+}
+
+impl Name {
+    /// `PROBE virtio dev=<kind><n> transport=<bus>`
+    pub fn line(&self) -> Line {
+        self.tag(Line::new("virtio"))
+    }
+
+    /// ` dev=<kind><n> transport=<bus>` added to `line`.
+    pub fn tag(&self, line: Line) -> Line {
+        let mut name = [0u8; 16];
+        let k = self.kind.len();
+        name[..k].copy_from_slice(self.kind.as_bytes());
+        let n = dec(self.index as u64, &mut name[k..]);
+        line.text("dev", &name[..k + n])
+            .text("transport", self.bus.as_bytes())
+    }
+}
+
+/// A device ready for its workload: its wrapped transport and its name.
+pub struct Device {
+    pub transport: Probed,
+    pub stats: alloc::rc::Rc<Stats>,
+    pub name: Name,
+}
+
+/// A driver could not be set up: report `result=fail reason=init error=..`.
+pub fn init_failed(name: Name, e: &virtio_drivers::Error) -> bool {
+    name.line()
+        .word("result=fail reason=init")
+        .text("error", error_name(e).as_bytes())
+        .emit();
+    false
+}
+
+/// The device cleared FEATURES_OK: report it. True when all is well.
+pub fn check_features(name: Name, stats: &Stats) -> bool {
+    if stats.refused.get() {
+        name.line()
+            .word("result=fail reason=features_refused")
+            .hex("offered", stats.offered.get())
+            .hex("accepted", stats.accepted.get())
+            .emit();
+        return false;
+    }
+    true
+}
+
+/// ` access_platform=1` when that was negotiated, and ` quirk=..` for
+/// what the device did wrong without failing the workload.
+pub fn annotate(line: Line, stats: &Stats) -> Line {
+    let mut line = line;
+    if stats.accepted.get() & transport::F_ACCESS_PLATFORM != 0 {
+        line = line.word("access_platform=1");
+    }
+    if stats.ready_stuck.get() {
+        line = line.word("quirk=ready_stuck");
+    }
+    line
+}
+
+/// `v` in decimal into `out`; returns the digits written.
+fn dec(v: u64, out: &mut [u8]) -> usize {
+    let mut digits = [0u8; 20];
+    let (mut n, mut v) = (0, v);
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let n = n.min(out.len());
+    for i in 0..n {
+        out[i] = digits[n - 1 - i];
+    }
+    n
+}
+
+fn kind_name(t: DeviceType) -> &'static str {
+    match t {
+        DeviceType::Block => "blk",
+        DeviceType::Network => "net",
+        DeviceType::EntropySource => "rng",
+        DeviceType::Console => "console",
+        _ => "other",
+    }
+}
+
+/// A zeroed, page-aligned heap buffer (`Vec<u8>` promises no alignment).
+pub struct Buf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Buf {
+    pub fn new(len: usize) -> Buf {
+        let layout = Layout::from_size_align(len.max(1), 4096).unwrap();
+        // SAFETY: the layout is not zero-sized.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        match NonNull::new(ptr) {
+            Some(ptr) => Buf { ptr, len },
+            None => handle_alloc_error(layout),
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` initialised bytes that this Buf owns.
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the borrow unique.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len.max(1), 4096).unwrap();
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// The highest `size`-byte range of e820 RAM above 1 MiB and below
+/// `limit`, aligned to `align`, that overlaps nothing in `skip`.
+fn carve(info: &BootInfo, skip: &[(u64, u64)], limit: u64, size: u64, align: u64) -> Option<u64> {
+    let mut best: Option<u64> = None;
+    for e in info.e820().iter().filter(|e| e.kind == E820_RAM) {
+        let lo = e.addr.max(MIB);
+        let mut hi = e.end().min(limit);
+        while hi >= lo + size {
+            let start = (hi - size) & !(align - 1);
+            if start < lo {
+                break;
+            }
+            match skip.iter().find(|&&(s, t)| s < start + size && start < t) {
+                Some(&(s, _)) => hi = s,
+                None => {
+                    best = best.max(Some(start));
+                    break;
+                }
+            }
+        }
+    }
+    best
+}
+
+/// Free RAM above 1 MiB that the probe may use, roughly (the keep-out
+/// ranges are not subtracted: they are small).
+fn free_ram(info: &BootInfo, limit: u64) -> u64 {
+    info.e820()
+        .iter()
+        .filter(|e| e.kind == E820_RAM)
+        .map(|e| e.end().min(limit).saturating_sub(e.addr.max(MIB)))
+        .sum()
+}
+
+/// Set up the DMA pool and the heap. None (and a line) when RAM is short.
+fn reserve(info: &BootInfo, acpi: &Acpi) -> Option<(u64, u64)> {
+    let limit = boot::mapped_end();
+    let heap_size = (free_ram(info, limit) / 4).clamp(HEAP_MIN, HEAP_MAX) & !(MIB - 1);
+    // What must stay untouched: the probe itself, the initrd, the ACPI
+    // tables (a fixed-size list: there is no heap yet).
+    let mut keep = [(0u64, 0u64); 12];
+    keep[0] = boot::image_range();
+    keep[1] = info.ramdisk;
+    for (slot, &r) in keep[2..].iter_mut().zip(acpi.regions()) {
+        *slot = r;
+    }
+    let Some(base) = carve(info, &keep, limit, heap_size + POOL_SIZE, 2 * MIB) else {
+        Line::new("virtio")
+            .word("fail reason=no_memory")
+            .hex("wanted", heap_size + POOL_SIZE)
+            .emit();
+        return None;
+    };
+    let pool = base + heap_size;
+    heap::init(base, heap_size);
+    hal::init_pool(pool, POOL_SIZE);
+    Some((pool, base))
+}
+
+/// The DMA policy from `probe.dma=` (default identity).
+fn set_policy(cmdline: &[u8]) -> bool {
+    match param(cmdline, "probe.dma") {
+        None => true,
+        Some(name) => match DmaPolicy::parse(name) {
+            Some(p) => {
+                hal::set_policy(p);
+                true
+            }
+            None => {
+                Line::new("virtio")
+                    .text("error", b"unknown_dma_policy")
+                    .text("dma", name)
+                    .emit();
+                false
+            }
+        },
+    }
+}
+
+/// Find the devices, wrap their transports, name them. Prints
+/// `PROBE virtio count=...` and a line for each broken device; the bool is
+/// false when any device could not be set up.
+fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
+    if !set_policy(info.cmdline) {
+        return None;
+    }
+    let (pool, heap_base) = reserve(info, acpi)?;
+    let (found, broken) = discover::discover(info.cmdline, acpi.ecam, boot::mapped_end());
+    Line::new("virtio")
+        .dec("count", (found.len() + broken.len()) as u64)
+        .text("dma", hal::policy().name().as_bytes())
+        .hex("pool", pool)
+        .hex("heap", heap_base)
+        .emit();
+    for b in &broken {
+        Line::new("virtio")
+            .word("dev=unknown")
+            .text("transport", b.bus.name().as_bytes())
+            .hex("addr", b.addr)
+            .word("result=fail")
+            .text("reason", b.reason.as_bytes())
+            .emit();
+    }
+    let cached_notify = param(info.cmdline, "probe.pci_notify") != Some(b"crate");
+    let mut counts = [0u32; 5];
+    let mut devs = Vec::new();
+    for f in found {
+        let Found {
+            bus,
+            addr,
+            transport,
+            notify,
+        } = f;
+        let mmio_base = matches!(bus, discover::Bus::Mmio).then_some(addr);
+        let t = Probed::new(transport, notify.filter(|_| cached_notify), mmio_base);
+        let kind = kind_name(t.device_type());
+        let slot = ["blk", "net", "rng", "console", "other"]
+            .iter()
+            .position(|&k| k == kind)
+            .unwrap();
+        devs.push(Device {
+            stats: t.stats(),
+            transport: t,
+            name: Name {
+                kind,
+                index: counts[slot],
+                bus: bus.name(),
+            },
+        });
+        counts[slot] += 1;
+    }
+    Some((devs, broken.is_empty()))
+}
+
+fn settings(info: &BootInfo) -> Settings<'_> {
+    let s = Settings {
+        cmdline: info.cmdline,
+        seed: 0,
+    };
+    Settings {
+        seed: s.num("probe.seed", DEFAULT_SEED),
+        ..s
+    }
+}
+
+/// Mode `basic`: every device's workload. True when all passed (and when
+/// there are no devices).
+pub fn run(info: &BootInfo, acpi: &Acpi) -> bool {
+    if !discover::any(info.cmdline, acpi.ecam) {
+        return true;
+    }
+    let Some((devs, mut ok)) = devices(info, acpi) else {
+        return false;
+    };
+    let settings = settings(info);
+    for dev in devs {
+        ok &= match dev.name.kind {
+            "blk" => blk::workload(dev, &settings),
+            "net" => net::workload(dev),
+            "rng" => rng::workload(dev),
+            "console" => console::workload(dev),
+            _ => {
+                dev.name
+                    .line()
+                    .dec("id", dev.transport.device_type() as u64)
+                    .word("result=skipped")
+                    .emit();
+                true
+            }
+        };
+    }
+    ok
+}
+
+/// Mode `bench`: the block and/or net benchmark (`probe.bench=blk|net|all`,
+/// default all) on the first device of each kind.
+pub fn bench(info: &BootInfo) -> bool {
+    let acpi = acpi::parse(info);
+    let Some((devs, _)) = devices(info, &acpi) else {
+        return false;
+    };
+    bench::run(devs, &settings(info))
+}
+
+/// Short names of virtio-drivers' errors, for `reason=`.
+pub fn error_name(e: &virtio_drivers::Error) -> &'static str {
+    use virtio_drivers::Error as E;
+    match e {
+        E::QueueFull => "queue_full",
+        E::NotReady => "not_ready",
+        E::WrongToken => "wrong_token",
+        E::AlreadyUsed => "queue_in_use",
+        E::InvalidParam => "invalid_param",
+        E::DmaError => "dma_alloc",
+        E::IoError => "io_error",
+        E::Unsupported => "unsupported",
+        E::ConfigSpaceTooSmall => "config_too_small",
+        E::ConfigSpaceMissing => "config_missing",
+        E::SocketDeviceError(_) => "socket",
+    }
+}

@@ -1,0 +1,260 @@
+//! virtio-net through veil's loopback backend, which hands every frame the
+//! guest transmits back to its receive queue: send frames, receive each
+//! one back, compare. `Rig` keeps receive buffers posted and several
+//! transmissions in flight, through virtio-drivers' raw driver
+//! (`VirtIONetRaw`: `transmit_begin`/`poll_transmit`/`transmit_complete`
+//! and the same for receive); the benchmark uses it too.
+//!
+//! A frame: destination = the device's MAC, source = the device's MAC,
+//! EtherType 0x88B5 (local experimental), a u32 sequence number and a u16
+//! length (little-endian), then bytes derived from both.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::hint::spin_loop;
+
+use virtio_drivers::device::net::VirtIONetRaw;
+
+use super::transport::Probed;
+use super::{annotate, check_features, error_name, init_failed, Buf, Device, TIMEOUT};
+use crate::hal::ProbeHal;
+use crate::time::rdtsc;
+
+/// Descriptors per queue.
+const QUEUE: usize = 64;
+/// Receive buffers kept posted (one descriptor each).
+const RX_SLOTS: usize = 32;
+/// Transmissions in flight (one descriptor each: header and frame in one
+/// buffer).
+pub const TX_SLOTS: usize = 16;
+/// Receive buffer: virtio-drivers wants at least 1526 bytes.
+const RX_LEN: usize = 2048;
+/// Longest frame sent: a 1500-byte MTU plus the Ethernet header.
+pub const MAX_FRAME: usize = 1514;
+/// Shortest: Ethernet header, sequence number, length.
+pub const MIN_FRAME: usize = 20;
+/// Frames of the `basic` workload.
+const FRAMES: u32 = 64;
+const ETHERTYPE: [u8; 2] = [0x88, 0xB5];
+const NONE: u8 = u8::MAX;
+
+pub type Net = VirtIONetRaw<ProbeHal, Probed, QUEUE>;
+
+fn payload_byte(seq: u32, len: usize, j: usize) -> u8 {
+    (seq.wrapping_mul(31) as usize ^ len.wrapping_mul(7) ^ j.wrapping_mul(13)) as u8
+}
+
+/// Frame number `seq` of `len` bytes into `out`.
+fn build(mac: [u8; 6], seq: u32, len: usize, out: &mut [u8]) {
+    out[0..6].copy_from_slice(&mac);
+    out[6..12].copy_from_slice(&mac);
+    out[12..14].copy_from_slice(&ETHERTYPE);
+    out[14..18].copy_from_slice(&seq.to_le_bytes());
+    out[18..20].copy_from_slice(&(len as u16).to_le_bytes());
+    for (j, b) in out[20..len].iter_mut().enumerate() {
+        *b = payload_byte(seq, len, j);
+    }
+}
+
+/// The sequence number of a received frame, if it is one of ours, whole.
+fn check(mac: [u8; 6], frame: &[u8]) -> Option<u32> {
+    if frame.len() < MIN_FRAME
+        || frame[0..6] != mac
+        || frame[6..12] != mac
+        || frame[12..14] != ETHERTYPE
+    {
+        return None;
+    }
+    let seq = u32::from_le_bytes(frame[14..18].try_into().unwrap());
+    let len = u16::from_le_bytes(frame[18..20].try_into().unwrap()) as usize;
+    let ok = len == frame.len()
+        && frame[20..]
+            .iter()
+            .enumerate()
+            .all(|(j, &b)| b == payload_byte(seq, len, j));
+    ok.then_some(seq)
+}
+
+pub struct Rig {
+    net: Net,
+    mac: [u8; 6],
+    rx: Vec<Buf>,
+    rx_by_token: [u8; QUEUE],
+    tx: Vec<Buf>,
+    tx_len: [usize; TX_SLOTS],
+    tx_by_token: [u8; QUEUE],
+    tx_free: Vec<usize>,
+}
+
+/// What a run moved.
+#[derive(Default)]
+pub struct Moved {
+    pub frames: u64,
+    /// Frame bytes (without the virtio-net header), each way.
+    pub bytes: u64,
+}
+
+impl Rig {
+    /// Set up the driver and post every receive buffer.
+    pub fn new(transport: Probed) -> Result<Rig, virtio_drivers::Error> {
+        let net = Net::new(transport)?;
+        let mac = net.mac_address();
+        let mut rig = Rig {
+            net,
+            mac,
+            rx: (0..RX_SLOTS).map(|_| Buf::new(RX_LEN)).collect(),
+            rx_by_token: [NONE; QUEUE],
+            tx: (0..TX_SLOTS).map(|_| Buf::new(RX_LEN)).collect(),
+            tx_len: [0; TX_SLOTS],
+            tx_by_token: [NONE; QUEUE],
+            tx_free: (0..TX_SLOTS).rev().collect(),
+        };
+        for i in 0..RX_SLOTS {
+            rig.post_rx(i)?;
+        }
+        Ok(rig)
+    }
+
+    fn post_rx(&mut self, i: usize) -> Result<(), virtio_drivers::Error> {
+        // SAFETY: the buffer stays put and untouched until its token comes
+        // back through poll_receive and receive_complete.
+        let token = unsafe { self.net.receive_begin(self.rx[i].as_mut_slice())? };
+        *self
+            .rx_by_token
+            .get_mut(token as usize)
+            .ok_or(virtio_drivers::Error::WrongToken)? = i as u8;
+        Ok(())
+    }
+
+    /// Send `count` frames, frame `n` being `len(n)` bytes, and receive
+    /// them all back (any order), checking every byte. At most
+    /// `RX_SLOTS` frames are on their way at once, so the loopback never
+    /// has to hold (or drop) one.
+    pub fn echo(&mut self, count: u32, len: &dyn Fn(u32) -> usize) -> Result<Moved, &'static str> {
+        let hdr = {
+            let mut h = [0u8; 16];
+            self.net
+                .fill_buffer_header(&mut h)
+                .map_err(|e| error_name(&e))?
+        };
+        let mut seen = vec![0u64; (count as usize).div_ceil(64)];
+        let mut moved = Moved::default();
+        let (mut sent, mut received) = (0u32, 0u32);
+        let mut last_progress = rdtsc();
+        while received < count {
+            let mut progress = false;
+            // Transmissions done: their buffers are free again.
+            while let Some(token) = self.net.poll_transmit() {
+                let i = match self.tx_by_token.get_mut(token as usize) {
+                    Some(t) if *t != NONE => core::mem::replace(t, NONE) as usize,
+                    _ => return Err("unknown_tx_token"),
+                };
+                // SAFETY: the buffer given to transmit_begin with this token.
+                unsafe {
+                    self.net
+                        .transmit_complete(token, &self.tx[i].as_slice()[..self.tx_len[i]])
+                }
+                .map_err(|e| error_name(&e))?;
+                self.tx_free.push(i);
+                progress = true;
+            }
+            // Frames back: check, count, post the buffer again.
+            while let Some(token) = self.net.poll_receive() {
+                let i = match self.rx_by_token.get_mut(token as usize) {
+                    Some(t) if *t != NONE => core::mem::replace(t, NONE) as usize,
+                    _ => return Err("unknown_rx_token"),
+                };
+                // SAFETY: the buffer given to receive_begin with this token.
+                let (h, n) = unsafe { self.net.receive_complete(token, self.rx[i].as_mut_slice()) }
+                    .map_err(|e| error_name(&e))?;
+                let seq = check(self.mac, &self.rx[i].as_slice()[h..h + n]).ok_or("bad_frame")?;
+                if seq >= count || seen[seq as usize / 64] & (1 << (seq % 64)) != 0 {
+                    return Err("unexpected_frame");
+                }
+                seen[seq as usize / 64] |= 1 << (seq % 64);
+                received += 1;
+                moved.frames += 1;
+                moved.bytes += n as u64;
+                self.post_rx(i).map_err(|e| error_name(&e))?;
+                progress = true;
+            }
+            // More to send, while a buffer is free and the receive side has
+            // room for everything on its way.
+            while sent < count && (sent - received) < RX_SLOTS as u32 {
+                let Some(i) = self.tx_free.pop() else { break };
+                let n = len(sent).clamp(MIN_FRAME, MAX_FRAME);
+                let buf = self.tx[i].as_mut_slice();
+                buf[..hdr].fill(0);
+                build(self.mac, sent, n, &mut buf[hdr..hdr + n]);
+                self.tx_len[i] = hdr + n;
+                // SAFETY: the buffer stays put and untouched until
+                // poll_transmit returns its token.
+                let token = unsafe { self.net.transmit_begin(&self.tx[i].as_slice()[..hdr + n]) }
+                    .map_err(|e| error_name(&e))?;
+                *self
+                    .tx_by_token
+                    .get_mut(token as usize)
+                    .ok_or("bad_tx_token")? = i as u8;
+                sent += 1;
+                progress = true;
+            }
+            if progress {
+                last_progress = rdtsc();
+            } else if rdtsc() - last_progress > TIMEOUT {
+                return Err("timeout");
+            } else {
+                spin_loop();
+            }
+        }
+        Ok(moved)
+    }
+}
+
+/// Mode `basic`: 64 frames of 20 to 1514 bytes, each echoed and checked.
+pub fn workload(dev: Device) -> bool {
+    let Device {
+        transport,
+        stats,
+        name,
+    } = dev;
+    let mut rig = match Rig::new(transport) {
+        Ok(r) => r,
+        Err(e) => return init_failed(name, &e),
+    };
+    if !check_features(name, &stats) {
+        return false;
+    }
+    // Both extremes, then lengths spread over the range.
+    let len = |n: u32| match n {
+        0 => MIN_FRAME,
+        1 => MAX_FRAME,
+        _ => MIN_FRAME + (n as usize * 379) % (MAX_FRAME - MIN_FRAME + 1),
+    };
+    let result = rig.echo(FRAMES, &len);
+    // Tear the driver down before reporting: `annotate` tells how it went.
+    drop(rig);
+    let mut line = name.line();
+    let moved = match &result {
+        Ok(m) => m,
+        Err(_) => &Moved::default(),
+    };
+    line = line
+        .dec("frames", moved.frames)
+        .dec("bytes", moved.bytes)
+        .dec("notifies", stats.notifies.get());
+    line = annotate(line, &stats);
+    match result {
+        Ok(_) if moved.frames == FRAMES as u64 => {
+            line.word("result=ok").emit();
+            true
+        }
+        Ok(_) => {
+            line.word("result=fail reason=lost_frames").emit();
+            false
+        }
+        Err(r) => {
+            line.word("result=fail").text("reason", r.as_bytes()).emit();
+            false
+        }
+    }
+}
