@@ -512,10 +512,15 @@ impl MutEventSubscriber for MetricsOnSignal {
 /// shared by several threads (never, today) would add up.
 fn thread_cpu_ns() -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
     for task in tasks.flatten() {
         let dir = task.path();
-        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim().to_string();
+        let name = std::fs::read_to_string(dir.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         let ns = std::fs::read_to_string(dir.join("schedstat"))
             .ok()
             .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))

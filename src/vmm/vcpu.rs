@@ -135,7 +135,11 @@ impl Vcpu {
             .ok()
             .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
             .unwrap_or(0);
-        shared.vcpu_cpu_ns.lock().unwrap_or_else(|e| e.into_inner()).push((self.id, cpu_ns));
+        shared
+            .vcpu_cpu_ns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((self.id, cpu_ns));
     }
 
     fn step(&mut self, shared: &VcpuShared) -> Result<(), Error> {

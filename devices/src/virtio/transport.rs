@@ -229,6 +229,15 @@ impl VirtioState {
     }
 
     pub fn set_queue_ready(&mut self, ready: bool) {
+        // A driver stops using a queue by writing 0 and reading it back
+        // (virtio 1.2 §4.2.2.2), also after DRIVER_OK: let that through, so
+        // the read-back sees 0; the device itself stops at the next reset.
+        if !ready && self.status & status::DRIVER_OK != 0 {
+            if let Some(q) = self.queues.get_mut(usize::from(self.queue_sel)) {
+                q.ready = false;
+            }
+            return;
+        }
         if let Some(q) = self.queue_for_write("queue ready") {
             q.ready = ready;
         }
@@ -566,6 +575,19 @@ mod tests {
         setup_queue(&mut s, 0, 0x1000);
         s.set_status(OK);
         assert_eq!(s.status(), OK);
+    }
+
+    #[test]
+    fn a_queue_can_be_stopped_after_driver_ok_but_not_restarted() {
+        let (mut s, _, _) = state(DmaMode::Bypass, false);
+        negotiate(&mut s, features::VERSION_1);
+        setup_queue(&mut s, 0, 0x1000);
+        s.set_status(OK);
+        s.select_queue(0);
+        s.set_queue_ready(false);
+        assert!(!s.queue().unwrap().ready);
+        s.set_queue_ready(true);
+        assert!(!s.queue().unwrap().ready);
     }
 
     #[test]
