@@ -2,7 +2,7 @@
 //! needs beside guest RAM. Each run is a fresh `veil run` process, timed
 //! from outside, so process start-up is included.
 
-use crate::cli::BenchCommand;
+use crate::cli::BootBenchArgs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -92,15 +92,16 @@ fn series(veil: &Path, runs: u32, args: &[String], marker: Option<&str>) -> Resu
     samples
 }
 
-pub fn boot(what: BenchCommand) -> ExitCode {
-    let BenchCommand::Boot {
+pub fn boot(what: &BootBenchArgs) -> ExitCode {
+    let BootBenchArgs {
         runs,
         kernel,
         initrd,
         cmdline,
+        linux_flags,
         marker,
         linux_runs,
-    } = what;
+    } = what.clone();
     let veil = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {
@@ -152,6 +153,7 @@ pub fn boot(what: BenchCommand) -> ExitCode {
         if let Some(c) = cmdline {
             args.extend(["--cmdline".to_string(), c]);
         }
+        args.extend(linux_flags.unwrap_or_default().split_whitespace().map(String::from));
         println!("\nLinux guest {}, {linux_runs} runs\n", kernel.display());
         println!("| figure | median | min – max |\n| --- | --- | --- |");
         match series(&veil, linux_runs, &args, Some(&marker)) {

@@ -144,19 +144,48 @@ pub struct BenchArgs {
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Boot times and memory overhead: the test guest over --runs runs, and a Linux kernel over --linux-runs if --kernel is given.
-    Boot {
-        #[arg(long, default_value_t = 20)]
-        runs: u32,
-        #[arg(long, value_name = "PATH")]
-        kernel: Option<PathBuf>,
-        #[arg(long, value_name = "PATH")]
-        initrd: Option<PathBuf>,
-        #[arg(long, value_name = "STR")]
-        cmdline: Option<String>,
-        /// Text on the serial console that marks the Linux guest as booted.
-        #[arg(long, default_value = "VEIL-LINUX-UP")]
-        marker: String,
-        #[arg(long, default_value_t = 3)]
-        linux_runs: u32,
-    },
+    Boot(BootBenchArgs),
+    /// virtio-blk throughput through the test guest: 4 KiB random and 64 KiB / 1 MiB sequential reads and writes.
+    Blk(DeviceBenchArgs),
+    /// virtio-net frames per second and MB/s through the loopback backend.
+    Net(DeviceBenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BootBenchArgs {
+    #[arg(long, default_value_t = 20)]
+    pub runs: u32,
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Extra `veil run` flags for the Linux boots, e.g. "--cpuid-hide kvm_pv_send_ipi".
+    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
+    pub linux_flags: Option<String>,
+    /// Text on the serial console that marks the Linux guest as booted.
+    #[arg(long, default_value = "VEIL-LINUX-UP")]
+    pub marker: String,
+    #[arg(long, default_value_t = 3)]
+    pub linux_runs: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeviceBenchArgs {
+    /// Transports to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "mmio,pci")]
+    pub transport: Vec<String>,
+    /// DMA mode of the device (bypass or platform).
+    #[arg(long, default_value = "bypass")]
+    pub dma: String,
+    /// MiB moved per block case.
+    #[arg(long, default_value_t = 32)]
+    pub mib: u64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 1)]
+    pub qd: u32,
+    /// Frames per net case.
+    #[arg(long, default_value_t = 20000)]
+    pub frames: u64,
 }

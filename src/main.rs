@@ -97,7 +97,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::Bench(b) => match b.what {
-            BenchCommand::Boot { .. } => veil::bench::boot(b.what),
+            BenchCommand::Boot(args) => veil::bench::boot(&args),
+            BenchCommand::Blk(args) => veil::bench_device::run(veil::bench_device::Kind::Blk, &args),
+            BenchCommand::Net(args) => veil::bench_device::run(veil::bench_device::Kind::Net, &args),
         },
     }
 }
