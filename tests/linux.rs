@@ -103,3 +103,102 @@ fn two_vcpus_boot_through_the_wakeup_mailbox() {
     assert_booted(&out);
     assert!(out.stdout.contains("smp: Brought up 1 node, 2 CPUs"), "{}", out.stdout);
 }
+
+/// An ext4 image holding `hello.txt`, made with mke2fs -d.
+fn ext4_image(name: &str) -> PathBuf {
+    let root = scratch(&format!("{name}-root"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("hello.txt"), "veil-blk-ok\n").unwrap();
+    let image = scratch(&format!("{name}.img"));
+    let status = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&image)
+        .arg("16M")
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for this test");
+    assert!(status.success());
+    image
+}
+
+/// Runs `veil` inside a fresh network namespace that holds a TAP device
+/// `vtap0` at 10.0.2.1/24; the guest pings it from 10.0.2.15.
+fn boot_virtio_in_netns(transport: &str) -> Option<Output> {
+    let dir = linux_dir()?;
+    let ns = format!("veil-test-{}-{transport}", std::process::id());
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !ip(&["netns", "add", &ns]) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root and must be able to create network namespaces"
+        );
+        eprintln!("SKIPPED: cannot create a network namespace (not root?)");
+        return None;
+    }
+    let ok = ip(&["-n", &ns, "tuntap", "add", "dev", "vtap0", "mode", "tap"])
+        && ip(&["-n", &ns, "addr", "add", "10.0.2.1/24", "dev", "vtap0"])
+        && ip(&["-n", &ns, "link", "set", "vtap0", "up"]);
+    assert!(ok, "cannot set up vtap0 in {ns}");
+    let image = ext4_image(&format!("linux-{transport}"));
+    let cmdline = format!("{CMDLINE} veil.test=virtio");
+    let out = run_command(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(veil_bin())
+            .arg("run")
+            .arg("--kernel")
+            .arg(dir.join("vmlinux"))
+            .arg("--initrd")
+            .arg(dir.join("initramfs.cpio"))
+            .args([
+                "--cmdline",
+                &cmdline,
+                "--memory",
+                "256M",
+                "--timeout",
+                "240",
+                "--cpuid-hide",
+                CPUID_HIDE,
+            ])
+            .args([
+                "--disk",
+                &format!("path={},readonly=on,transport={transport}", image.display()),
+            ])
+            .args(["--net", &format!("tap=vtap0,transport={transport}")])
+            .args(["--rng", &format!("transport={transport}")]),
+        LIMIT,
+    );
+    ip(&["netns", "del", &ns]);
+    eprintln!(
+        "Linux virtio over {transport}: {:.1} s, exit {:?}",
+        out.elapsed.as_secs_f64(),
+        out.code
+    );
+    Some(out)
+}
+
+fn linux_drives_virtio(transport: &str) {
+    let Some(out) = boot_virtio_in_netns(transport) else {
+        return;
+    };
+    assert_booted(&out);
+    for check in ["VEIL-CHECK blk ok", "VEIL-CHECK net ok", "VEIL-CHECK rng ok"] {
+        assert!(out.stdout.contains(check), "missing '{check}':\n{}", out.stdout);
+    }
+}
+
+#[test]
+fn linux_drives_virtio_over_mmio() {
+    linux_drives_virtio("mmio");
+}
+
+#[test]
+fn linux_drives_virtio_over_pci() {
+    linux_drives_virtio("pci");
+}
