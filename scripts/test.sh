@@ -14,5 +14,6 @@ fi
 cargo fmt --all --check
 cargo clippy --all-targets -- -D warnings
 cargo test --release --workspace -- --test-threads=2 --skip linux
-# The Linux boots last and uncaptured, so the log shows each boot's time.
+# The Linux boots (every test with "linux" in its name) last and uncaptured,
+# so the log shows each boot's time.
 cargo test --release --test linux -- --test-threads=2 --nocapture

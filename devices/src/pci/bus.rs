@@ -554,7 +554,7 @@ mod tests {
     }
 
     #[test]
-    fn address_register_reads_back_as_linux_probes_it() {
+    fn address_register_reads_back_as_a_kernel_probes_it() {
         let root = root();
         let mut io = PciConfigIo::new(root);
         // Linux writes 1 to 0xCFB first; that is not the address register.
