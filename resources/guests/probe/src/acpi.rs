@@ -224,8 +224,7 @@ fn parse_mcfg(acpi: &mut Acpi, mcfg: u64, len: u64) {
     let mut at = mcfg + HEADER_LEN + 8;
     // SAFETY: [mcfg, mcfg + len) was checked; each entry lies inside it.
     while at + 16 <= mcfg + len {
-        let (base, segment, start) =
-            unsafe { (peek::<u64>(at), peek::<u16>(at + 8), peek::<u8>(at + 10)) };
+        let (base, segment, start) = unsafe { (peek::<u64>(at), peek::<u16>(at + 8), peek::<u8>(at + 10)) };
         if segment == 0 && start == 0 {
             acpi.ecam = Some(base);
             return;

@@ -193,11 +193,9 @@ static MAPPED_END: Racy<u64> = Racy::new(0);
 static PAGE_SIZE: Racy<u64> = Racy::new(0);
 
 #[link_section = ".noinit.stacks"]
-static KSTACKS: Racy<[Stack<KSTACK_SIZE>; SLOTS]> =
-    Racy::new([const { Stack([0; KSTACK_SIZE]) }; SLOTS]);
+static KSTACKS: Racy<[Stack<KSTACK_SIZE>; SLOTS]> = Racy::new([const { Stack([0; KSTACK_SIZE]) }; SLOTS]);
 #[link_section = ".noinit.stacks"]
-static AP_STACKS: Racy<[Stack<AP_STACK_SIZE>; MAX_CPUS]> =
-    Racy::new([const { Stack([0; AP_STACK_SIZE]) }; MAX_CPUS]);
+static AP_STACKS: Racy<[Stack<AP_STACK_SIZE>; MAX_CPUS]> = Racy::new([const { Stack([0; AP_STACK_SIZE]) }; MAX_CPUS]);
 #[link_section = ".noinit.stacks"]
 static BSP_STACK: Racy<Stack<BSP_STACK_SIZE>> = Racy::new(Stack([0; BSP_STACK_SIZE]));
 
@@ -588,10 +586,7 @@ pub fn prepare_ap(apic_id: u32) {
         addr_of_mut!((*tss).rsp).write_unaligned([top, 0, 0]);
         addr_of_mut!((*tss).ist).write_unaligned([top, 0, 0, 0, 0, 0, 0]);
         let base = tss as u64;
-        let low = tss_limit(slot)
-            | ((base & 0xFF_FFFF) << 16)
-            | (0x89 << 40)
-            | (((base >> 24) & 0xFF) << 56);
+        let low = tss_limit(slot) | ((base & 0xFF_FFFF) << 16) | (0x89 << 40) | (((base >> 24) & 0xFF) << 56);
         let gdt = GDT.get() as *mut u64;
         let index = ((TSS_SEL0 as usize) >> 3) + 2 * slot;
         gdt.add(index).write_volatile(low);

@@ -279,10 +279,7 @@ fn test_device(ctx: &mut Ctx, t: &mut dyn Transport, counts: &mut [u64; 8]) {
         .emit();
     let (kind, nq, want) = match ty {
         2 => (
-            Kind::Blk {
-                capacity: 0,
-                ro: false,
-            },
+            Kind::Blk { capacity: 0, ro: false },
             1,
             F_VERSION_1 | F_INDIRECT_DESC | blk::F_RO,
         ),

@@ -97,10 +97,7 @@ fn basic(info: &BootInfo) -> bool {
     }
     let line = Line::new("cpus").dec("count", acpi.cpus as u64);
     match &acpi.mailbox {
-        Some(mb) => line
-            .hex("mailbox", mb.addr)
-            .dec("version", mb.version as u64)
-            .emit(),
+        Some(mb) => line.hex("mailbox", mb.addr).dec("version", mb.version as u64).emit(),
         None => line.word("mailbox=none").emit(),
     }
 
@@ -114,9 +111,7 @@ fn basic(info: &BootInfo) -> bool {
         *slot = r;
     }
     let ram = memtest::run(info, &skip, mapped_end);
-    let mut line = Line::new("ram")
-        .dec("pages", ram.pages)
-        .dec("bad", ram.bad_pages);
+    let mut line = Line::new("ram").dec("pages", ram.pages).dec("bad", ram.bad_pages);
     if ram.bad_pages != 0 {
         line = line.hex("first_bad", ram.first_bad);
     }
@@ -145,9 +140,7 @@ fn fault(_: &BootInfo) -> bool {
 fn panic(info: &core::panic::PanicInfo) -> ! {
     let mut line = Line::new("panic");
     if let Some(loc) = info.location() {
-        line = line
-            .text("file", loc.file().as_bytes())
-            .dec("line", loc.line() as u64);
+        line = line.text("file", loc.file().as_bytes()).dec("line", loc.line() as u64);
     }
     line.emit();
     serial::exit(STATUS_CRASH)

@@ -11,17 +11,13 @@ const DEBUG_EXIT: u16 = 0xF4;
 
 fn putb(b: u8) {
     // SAFETY: an `out` to COM1's THR; IOPL=3 allows it at CPL3.
-    unsafe {
-        asm!("out dx, al", in("dx") COM1, in("al") b, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") COM1, in("al") b, options(nomem, nostack, preserves_flags)) }
 }
 
 /// End the VM: veil exits with `status & 0xFF`.
 pub fn exit(status: u32) -> ! {
     // SAFETY: a 4-byte `out` to the debug-exit port.
-    unsafe {
-        asm!("out dx, eax", in("dx") DEBUG_EXIT, in("eax") status, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, eax", in("dx") DEBUG_EXIT, in("eax") status, options(nomem, nostack, preserves_flags)) }
     // veil does not come back; should it, do nothing (no `hlt` at CPL3).
     loop {
         core::hint::spin_loop();
@@ -38,10 +34,7 @@ pub struct Line {
 impl Line {
     /// `PROBE <topic>`
     pub fn new(topic: &str) -> Self {
-        let mut l = Line {
-            buf: [0; 200],
-            len: 0,
-        };
+        let mut l = Line { buf: [0; 200], len: 0 };
         l.put(b"PROBE ");
         l.put(topic.as_bytes());
         l

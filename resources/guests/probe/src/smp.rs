@@ -54,9 +54,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: rdtsc is allowed at CPL3 (boot.rs clears CR4.TSD).
-    unsafe {
-        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
     ((hi as u64) << 32) | lo as u64
 }
 
@@ -74,9 +72,7 @@ fn lapic_id() -> u32 {
 fn xadd(counter: &AtomicU64, v: u64) -> u64 {
     let mut old = v;
     // SAFETY: an atomic read-modify-write of a valid AtomicU64.
-    unsafe {
-        asm!("lock xadd [{p}], {v}", p = in(reg) counter.as_ptr(), v = inout(reg) old, options(nostack))
-    };
+    unsafe { asm!("lock xadd [{p}], {v}", p = in(reg) counter.as_ptr(), v = inout(reg) old, options(nostack)) };
     old
 }
 
@@ -92,8 +88,7 @@ pub extern "C" fn ap_main(apic_id: u64) -> ! {
     let st = &AP_STATE[apic_id as usize];
     st.started.store(1, Ordering::Release);
     st.lapic_id.store(lapic_id(), Ordering::Relaxed);
-    st.checksum
-        .store(checksum(boot::readonly_image()), Ordering::Relaxed);
+    st.checksum.store(checksum(boot::readonly_image()), Ordering::Relaxed);
     let mut last = 0;
     for _ in 0..ITERATIONS {
         last = xadd(&COUNTER, 1);
@@ -111,12 +106,8 @@ fn wake(mailbox: u64, apic_id: u32, vector: u64) -> bool {
     let mb = mailbox as *mut u8;
     // SAFETY: the mailbox is MMIO that veil traps, identity-mapped.
     unsafe {
-        mb.add(MAILBOX_APIC_ID as usize)
-            .cast::<u32>()
-            .write_volatile(apic_id);
-        mb.add(MAILBOX_VECTOR as usize)
-            .cast::<u64>()
-            .write_volatile(vector);
+        mb.add(MAILBOX_APIC_ID as usize).cast::<u32>().write_volatile(apic_id);
+        mb.add(MAILBOX_VECTOR as usize).cast::<u64>().write_volatile(vector);
         mb.add(MAILBOX_COMMAND as usize)
             .cast::<u16>()
             .write_volatile(COMMAND_WAKEUP);
@@ -124,12 +115,7 @@ fn wake(mailbox: u64, apic_id: u32, vector: u64) -> bool {
     let deadline = rdtsc() + ACK_TIMEOUT;
     loop {
         // SAFETY: as above. Each read is an exit to veil.
-        if unsafe {
-            mb.add(MAILBOX_COMMAND as usize)
-                .cast::<u16>()
-                .read_volatile()
-        } == 0
-        {
+        if unsafe { mb.add(MAILBOX_COMMAND as usize).cast::<u16>().read_volatile() } == 0 {
             return true;
         }
         if rdtsc() > deadline {
@@ -146,8 +132,7 @@ pub fn run(acpi: &Acpi) -> bool {
         return true;
     }
     let me = lapic_id();
-    let aps =
-        acpi.apic_ids().iter().filter(|&&id| id != me).count() + acpi.cpus.saturating_sub(MAX_CPUS);
+    let aps = acpi.apic_ids().iter().filter(|&&id| id != me).count() + acpi.cpus.saturating_sub(MAX_CPUS);
     let mut ok = acpi.cpus <= MAX_CPUS;
     if aps == 0 {
         return ok;
@@ -161,10 +146,7 @@ pub fn run(acpi: &Acpi) -> bool {
     let mut woken = [false; MAX_CPUS];
     for &id in acpi.apic_ids().iter().filter(|&&id| id != me) {
         if id as usize >= MAX_CPUS {
-            Line::new("ap")
-                .dec("id", id as u64)
-                .word("fail reason=no_slot")
-                .emit();
+            Line::new("ap").dec("id", id as u64).word("fail reason=no_slot").emit();
             ok = false;
             continue;
         }
@@ -172,16 +154,12 @@ pub fn run(acpi: &Acpi) -> bool {
         if wake(mailbox, id, boot::ap_entry()) {
             woken[id as usize] = true;
         } else {
-            Line::new("ap")
-                .dec("id", id as u64)
-                .word("fail reason=no_ack")
-                .emit();
+            Line::new("ap").dec("id", id as u64).word("fail reason=no_ack").emit();
             ok = false;
         }
     }
 
-    let all_done =
-        || (0..MAX_CPUS).all(|i| !woken[i] || AP_STATE[i].done.load(Ordering::Acquire) != 0);
+    let all_done = || (0..MAX_CPUS).all(|i| !woken[i] || AP_STATE[i].done.load(Ordering::Acquire) != 0);
     let deadline = rdtsc() + DONE_TIMEOUT;
     while !all_done() && rdtsc() < deadline {
         core::hint::spin_loop();

@@ -97,28 +97,14 @@ fn read(d: &mut Dev, sector: u64, len: u32) -> Answer {
     let b = bufs(d);
     header(d, T_IN, sector);
     fill(b.data, len as u64, 0xEE);
-    send(
-        d,
-        &[
-            Desc::r(b.hdr, 16),
-            Desc::w(b.data, len),
-            Desc::w(b.status, 1),
-        ],
-    )
+    send(d, &[Desc::r(b.hdr, 16), Desc::w(b.data, len), Desc::w(b.status, 1)])
 }
 
 /// Writes the data buffer to `sector`.
 fn write(d: &mut Dev, sector: u64, len: u32) -> Answer {
     let b = bufs(d);
     header(d, T_OUT, sector);
-    send(
-        d,
-        &[
-            Desc::r(b.hdr, 16),
-            Desc::r(b.data, len),
-            Desc::w(b.status, 1),
-        ],
-    )
+    send(d, &[Desc::r(b.hdr, 16), Desc::r(b.data, len), Desc::w(b.status, 1)])
 }
 
 /// The good request: read one sector; OK with used length 513.
@@ -161,21 +147,13 @@ pub fn cases(ctx: &mut Ctx, d: &mut Dev) {
         let mut got = w.text();
         got.push(",").push_bytes(r.text().as_bytes());
         got.push(if matched { ",match" } else { ",mismatch" });
-        let ok = matches!(w, Answer::Status(S_OK, 1))
-            && matches!(r, Answer::Status(S_OK, 513))
-            && matched;
+        let ok = matches!(w, Answer::Status(S_OK, 1)) && matches!(r, Answer::Status(S_OK, 513)) && matched;
         ctx.report(d, "write_read_back", "ok,ok,match", &got, ok);
     }
 
     // 1: chains that never end, or go off the table.
     header(d, T_IN, 0);
-    let a = send(
-        d,
-        &[
-            Desc::r(b.hdr, 16),
-            Desc::w(b.data, SECTOR).next(Next::To(0)),
-        ],
-    );
+    let a = send(d, &[Desc::r(b.hdr, 16), Desc::w(b.data, SECTOR).next(Next::To(0))]);
     ctx.judge(d, "desc_loop", REFUSED.0, REFUSED.1, a);
 
     header(d, T_IN, 0);
@@ -183,13 +161,7 @@ pub fn cases(ctx: &mut Ctx, d: &mut Dev) {
     ctx.judge(d, "desc_self_loop", REFUSED.0, REFUSED.1, a);
 
     header(d, T_IN, 0);
-    let a = send(
-        d,
-        &[
-            Desc::r(b.hdr, 16),
-            Desc::w(b.data, SECTOR).next(Next::Raw(size)),
-        ],
-    );
+    let a = send(d, &[Desc::r(b.hdr, 16), Desc::w(b.data, SECTOR).next(Next::Raw(size))]);
     ctx.judge(d, "desc_next_out_of_table", REFUSED.0, REFUSED.1, a);
 
     // 2: indirect tables that nest, or have the wrong length.
@@ -238,47 +210,25 @@ pub fn cases(ctx: &mut Ctx, d: &mut Dev) {
     // 3: buffers outside RAM, across its end; header, status and an
     // indirect table outside RAM.
     header(d, T_IN, 0);
-    let a = send(
-        d,
-        &[
-            Desc::r(b.hdr, 16),
-            Desc::w(outside, SECTOR),
-            Desc::w(b.status, 1),
-        ],
-    );
+    let a = send(d, &[Desc::r(b.hdr, 16), Desc::w(outside, SECTOR), Desc::w(b.status, 1)]);
     ctx.judge(d, "buf_outside_ram", REFUSED.0, REFUSED.1, a);
 
     header(d, T_IN, 0);
     let a = send(
         d,
-        &[
-            Desc::r(b.hdr, 16),
-            Desc::w(end - 256, SECTOR),
-            Desc::w(b.status, 1),
-        ],
+        &[Desc::r(b.hdr, 16), Desc::w(end - 256, SECTOR), Desc::w(b.status, 1)],
     );
     ctx.judge(d, "buf_straddles_ram_end", REFUSED.0, REFUSED.1, a);
 
     header(d, T_IN, 0);
     let a = send(
         d,
-        &[
-            Desc::r(outside, 16),
-            Desc::w(b.data, SECTOR),
-            Desc::w(b.status, 1),
-        ],
+        &[Desc::r(outside, 16), Desc::w(b.data, SECTOR), Desc::w(b.status, 1)],
     );
     ctx.judge(d, "header_outside_ram", REFUSED.0, REFUSED.1, a);
 
     header(d, T_IN, 0);
-    let a = send(
-        d,
-        &[
-            Desc::r(b.hdr, 16),
-            Desc::w(b.data, SECTOR),
-            Desc::w(outside, 1),
-        ],
-    );
+    let a = send(d, &[Desc::r(b.hdr, 16), Desc::w(b.data, SECTOR), Desc::w(outside, 1)]);
     ctx.judge(d, "status_outside_ram", REFUSED.0, REFUSED.1, a);
 
     if d.features & F_INDIRECT_DESC != 0 {
@@ -365,14 +315,7 @@ fn readonly(ctx: &mut Ctx, d: &mut Dev, case: &str, kind: u32) {
         wr32(b.segment + 8, 1);
         wr32(b.segment + 12, 0);
         header(d, kind, 0);
-        send(
-            d,
-            &[
-                Desc::r(b.hdr, 16),
-                Desc::r(b.segment, 16),
-                Desc::w(b.status, 1),
-            ],
-        )
+        send(d, &[Desc::r(b.hdr, 16), Desc::r(b.segment, 16), Desc::w(b.status, 1)])
     };
     let after = read(d, 0, SECTOR);
     let unchanged = matches!(before, Answer::Status(S_OK, _))

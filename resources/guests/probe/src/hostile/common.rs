@@ -5,9 +5,7 @@
 //! rings outside RAM (§2.1.2: DEVICE_NEEDS_RESET).
 
 use super::io::Text;
-use super::transport::{
-    self, ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, INT_CONFIG,
-};
+use super::transport::{self, ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, INT_CONFIG};
 use super::vq::MAX_SIZE;
 use super::{blk, net, rng, Ctx, Dev, Kind, F_VERSION_1};
 
@@ -130,13 +128,7 @@ pub fn run(ctx: &mut Ctx, d: &mut Dev) {
     ring_case(ctx, d, "desc_ring_outside_ram", Ring::Desc, outside);
     ring_case(ctx, d, "used_ring_outside_ram", Ring::Used, outside);
     // The available ring's last bytes past the end of RAM.
-    ring_case(
-        ctx,
-        d,
-        "avail_ring_straddles_ram_end",
-        Ring::Avail,
-        end - 0x100,
-    );
+    ring_case(ctx, d, "avail_ring_straddles_ram_end", Ring::Avail, end - 0x100);
 
     // Leave the device quiet.
     transport::reset(d.t);
@@ -153,19 +145,12 @@ fn features_unoffered(d: &mut Dev) -> (Text, bool) {
     let offered = d.t.device_features();
     // Bit 50 (reserved for future extensions today), or the first free
     // bit above it should the device offer it.
-    let bogus = (50..64)
-        .map(|b| 1u64 << b)
-        .find(|b| offered & b == 0)
-        .unwrap_or(0);
+    let bogus = (50..64).map(|b| 1u64 << b).find(|b| offered & b == 0).unwrap_or(0);
     d.t.set_driver_features((offered & F_VERSION_1) | bogus);
     d.t.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
     let s = d.t.status();
     let stuck = s & FEATURES_OK != 0;
-    let mut got = Text::from(if stuck {
-        "features_ok_set"
-    } else {
-        "features_ok_clear"
-    });
+    let mut got = Text::from(if stuck { "features_ok_set" } else { "features_ok_clear" });
     if s & FAILED != 0 {
         got.push(",failed");
     }
@@ -222,10 +207,7 @@ fn first_steps(d: &mut Dev, first: &mut First) -> Result<(), &'static str> {
     d.t.enable_queue();
     let ready = d.t.queue_enabled();
     let (got, ok) = &mut first.missing_queue;
-    got.push("max=")
-        .dec(max as u64)
-        .push(",ready=")
-        .dec(ready as u64);
+    got.push("max=").dec(max as u64).push(",ready=").dec(ready as u64);
     *ok = max == 0 && !ready;
 
     // Case 7: size S, then 3. On PCI queue_size reads back; virtio-mmio's
@@ -251,11 +233,7 @@ fn first_steps(d: &mut Dev, first: &mut First) -> Result<(), &'static str> {
             *ok = true;
         }
     }
-    let (desc, avail, used) = (
-        d.vqs[0].desc_addr(),
-        d.vqs[0].avail_addr(),
-        d.vqs[0].used_addr(),
-    );
+    let (desc, avail, used) = (d.vqs[0].desc_addr(), d.vqs[0].avail_addr(), d.vqs[0].used_addr());
     d.t.set_queue_rings(desc, avail, used);
     d.t.enable_queue();
     for i in 1..d.nq {

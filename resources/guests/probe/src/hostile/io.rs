@@ -60,9 +60,7 @@ pub fn barrier() {
 pub fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: rdtsc is allowed at CPL3 (boot.rs clears CR4.TSD).
-    unsafe {
-        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
     ((hi as u64) << 32) | lo as u64
 }
 
@@ -91,10 +89,7 @@ pub struct Text {
 
 impl Text {
     pub const fn new() -> Self {
-        Text {
-            buf: [0; 64],
-            len: 0,
-        }
+        Text { buf: [0; 64], len: 0 }
     }
 
     pub fn from(s: &str) -> Self {
@@ -172,10 +167,7 @@ pub struct Out {
 
 impl Out {
     pub fn new(topic: &str) -> Self {
-        let mut o = Out {
-            buf: [0; 240],
-            len: 0,
-        };
+        let mut o = Out { buf: [0; 240], len: 0 };
         o.put(b"PROBE");
         o.raw(b' ');
         o.put(b"hostile");
@@ -238,9 +230,7 @@ impl Out {
         for &b in &self.buf[..self.len] {
             // SAFETY: an `out` to COM1's THR; IOPL=3 and the TSS I/O bitmap
             // allow it at CPL3 (boot.rs).
-            unsafe {
-                asm!("out dx, al", in("dx") COM1, in("al") b, options(nomem, nostack, preserves_flags))
-            };
+            unsafe { asm!("out dx, al", in("dx") COM1, in("al") b, options(nomem, nostack, preserves_flags)) };
         }
     }
 }

@@ -91,14 +91,9 @@ pub fn good(d: &mut Dev) -> Result<(), &'static str> {
             return Err("rx_not_done");
         };
         let whole = HDR_LEN + FRAME_LEN;
-        let same =
-            len == whole && (HDR_LEN as u64..whole as u64).all(|i| rd8(rx + i) == rd8(tx + i));
+        let same = len == whole && (HDR_LEN as u64..whole as u64).all(|i| rd8(rx + i) == rd8(tx + i));
         if same {
-            return if stray {
-                Err("stray_frame_before")
-            } else {
-                Ok(())
-            };
+            return if stray { Err("stray_frame_before") } else { Ok(()) };
         }
         // Not our frame: one a bad case should not have sent.
         stray = true;
@@ -141,10 +136,7 @@ pub fn cases(ctx: &mut Ctx, d: &mut Dev) {
         ctx,
         d,
         "tx_desc_loop",
-        &[
-            Desc::r(tx, hdr),
-            Desc::r(tx + 12, FRAME_LEN).next(Next::To(0)),
-        ],
+        &[Desc::r(tx, hdr), Desc::r(tx + 12, FRAME_LEN).next(Next::To(0))],
     );
     tx_case(
         ctx,

@@ -44,10 +44,7 @@ pub fn cases(ctx: &mut Ctx, d: &mut Dev) {
     let half = LEN / 2;
 
     // 1: chains that never end, or go off the table.
-    let a = send(
-        d,
-        &[Desc::w(b, half), Desc::w(b + 32, half).next(Next::To(0))],
-    );
+    let a = send(d, &[Desc::w(b, half), Desc::w(b + 32, half).next(Next::To(0))]);
     ctx.judge(d, "desc_loop", REFUSED.0, REFUSED.1, a);
     let a = send(d, &[Desc::w(b, LEN).next(Next::Raw(size))]);
     ctx.judge(d, "desc_next_out_of_table", REFUSED.0, REFUSED.1, a);

@@ -449,11 +449,7 @@ impl Transport for Pci {
     }
     fn set_queue_rings(&mut self, desc: u64, avail: u64, used: u64) {
         use common::*;
-        for (off, v) in [
-            (QUEUE_DESC, desc),
-            (QUEUE_DRIVER, avail),
-            (QUEUE_DEVICE, used),
-        ] {
+        for (off, v) in [(QUEUE_DESC, desc), (QUEUE_DRIVER, avail), (QUEUE_DEVICE, used)] {
             wr32(self.common + off, v as u32);
             wr32(self.common + off + 4, (v >> 32) as u32);
         }

@@ -156,21 +156,12 @@ impl Vq {
                 Next::To(j) => (d.flags | F_NEXT, slot(j)),
                 Next::Raw(r) => (d.flags | F_NEXT, r),
             };
-            put_desc(
-                self.desc_addr() + 16 * slot(i) as u64,
-                d.addr,
-                d.len,
-                flags,
-                next,
-            );
+            put_desc(self.desc_addr() + 16 * slot(i) as u64, d.addr, d.len, flags, next);
         }
         let head = slot(0);
         self.seen[head as usize] = false;
         // Ring entry, then (after a barrier) the index that publishes it.
-        wr16(
-            self.avail_addr() + 4 + 2 * (self.avail_idx % size) as u64,
-            head,
-        );
+        wr16(self.avail_addr() + 4 + 2 * (self.avail_idx % size) as u64, head);
         barrier();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         wr16(self.avail_addr() + 2, self.avail_idx);

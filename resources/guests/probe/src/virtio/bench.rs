@@ -76,10 +76,7 @@ struct Outcome {
 static PAUSE_CYCLES: AtomicU64 = AtomicU64::new(0);
 
 fn marker(what: &str, case: &str) {
-    Line::new("bench")
-        .word(what)
-        .text("case", case.as_bytes())
-        .emit();
+    Line::new("bench").word(what).text("case", case.as_bytes()).emit();
     let until = rdtsc() + PAUSE_CYCLES.load(Ordering::Relaxed);
     while rdtsc() < until {
         core::hint::spin_loop();
@@ -127,11 +124,7 @@ fn xorshift(state: &mut u64) -> u64 {
 }
 
 fn bench_blk(dev: Device, settings: &Settings, hz: u64) -> bool {
-    let Device {
-        transport,
-        stats,
-        name,
-    } = dev;
+    let Device { transport, stats, name } = dev;
     let mut blk = match Blk::new(transport) {
         Ok(b) => b,
         Err(e) => return init_failed(name, &e),
@@ -201,11 +194,7 @@ fn bench_blk(dev: Device, settings: &Settings, hz: u64) -> bool {
 }
 
 fn bench_net(dev: Device, settings: &Settings, hz: u64) -> bool {
-    let Device {
-        transport,
-        stats,
-        name,
-    } = dev;
+    let Device { transport, stats, name } = dev;
     let mut rig = match Rig::new(transport) {
         Ok(r) => r,
         Err(e) => return init_failed(name, &e),
@@ -213,9 +202,7 @@ fn bench_net(dev: Device, settings: &Settings, hz: u64) -> bool {
     if !super::check_features(name, &stats) {
         return false;
     }
-    let frames = settings
-        .num("probe.net_frames", 8192)
-        .clamp(1, u32::MAX as u64) as u32;
+    let frames = settings.num("probe.net_frames", 8192).clamp(1, u32::MAX as u64) as u32;
     let mut ok = true;
     for (case, len) in [("net-64", 64usize), ("net-1500", 1500)] {
         let notifies = stats.notifies.get();

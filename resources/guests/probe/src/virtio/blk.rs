@@ -132,10 +132,7 @@ impl<'a> Engine<'a> {
 
     fn submit(&mut self, i: usize) -> Result<(), Fail> {
         let Engine {
-            blk,
-            slots,
-            by_token,
-            ..
+            blk, slots, by_token, ..
         } = self;
         let s = &mut slots[i];
         let len = s.len;
@@ -144,12 +141,7 @@ impl<'a> Engine<'a> {
         // completes this token; Drop waits for whatever is still in flight.
         let token = unsafe {
             if s.write {
-                blk.write_blocks_nb(
-                    s.sector as usize,
-                    &mut s.req,
-                    &s.buf.as_slice()[..len],
-                    &mut s.resp,
-                )
+                blk.write_blocks_nb(s.sector as usize, &mut s.req, &s.buf.as_slice()[..len], &mut s.resp)
             } else {
                 blk.read_blocks_nb(
                     s.sector as usize,
@@ -200,12 +192,7 @@ impl<'a> Engine<'a> {
             if s.write {
                 blk.complete_write_blocks(token, &s.req, &s.buf.as_slice()[..len], &mut s.resp)
             } else {
-                blk.complete_read_blocks(
-                    token,
-                    &s.req,
-                    &mut s.buf.as_mut_slice()[..len],
-                    &mut s.resp,
-                )
+                blk.complete_read_blocks(token, &s.req, &mut s.buf.as_mut_slice()[..len], &mut s.resp)
             }
         };
         free.push(i);
@@ -275,11 +262,7 @@ impl<'a> Engine<'a> {
     }
 
     /// Write `data` at `sector` and wait (the read-only check).
-    pub fn write_blocking(
-        &mut self,
-        sector: u64,
-        data: &[u8],
-    ) -> Result<(), virtio_drivers::Error> {
+    pub fn write_blocking(&mut self, sector: u64, data: &[u8]) -> Result<(), virtio_drivers::Error> {
         self.requests += 1;
         self.blk.write_blocks(sector as usize, data)
     }
@@ -321,11 +304,7 @@ fn sequential(capacity: u64, piece: usize) -> impl FnMut() -> Option<(u64, usize
 /// back and compare. A read-only disk: read it all (counting the sectors
 /// that hold the pattern already) and check that a write fails.
 pub fn workload(dev: Device, settings: &Settings) -> bool {
-    let Device {
-        transport,
-        stats,
-        name,
-    } = dev;
+    let Device { transport, stats, name } = dev;
     let mut blk = match Blk::new(transport) {
         Ok(b) => b,
         Err(e) => return init_failed(name, &e),
@@ -343,38 +322,28 @@ pub fn workload(dev: Device, settings: &Settings) -> bool {
     let mut write_refused = false;
     let result = if !readonly {
         engine
-            .run(
-                true,
-                &mut sequential(capacity, VERIFY_SECTORS),
-                &mut |s, buf| {
-                    fill(seed, s, buf);
-                    true
-                },
-            )
+            .run(true, &mut sequential(capacity, VERIFY_SECTORS), &mut |s, buf| {
+                fill(seed, s, buf);
+                true
+            })
             .and_then(|_| engine.flush())
             .and_then(|_| {
-                engine.run(
-                    false,
-                    &mut sequential(capacity, VERIFY_SECTORS),
-                    &mut |s, buf| first_mismatch(seed, s, buf).is_none(),
-                )
+                engine.run(false, &mut sequential(capacity, VERIFY_SECTORS), &mut |s, buf| {
+                    first_mismatch(seed, s, buf).is_none()
+                })
             })
     } else {
         let mut first = Buf::new(SECTOR_SIZE);
         engine
-            .run(
-                false,
-                &mut sequential(capacity, VERIFY_SECTORS),
-                &mut |s, buf| {
-                    if s == 0 {
-                        first.as_mut_slice().copy_from_slice(&buf[..SECTOR_SIZE]);
-                    }
-                    for (n, d) in buf.chunks_exact(SECTOR_SIZE).enumerate() {
-                        matching += sector_matches(seed, s + n as u64, d) as u64;
-                    }
-                    true
-                },
-            )
+            .run(false, &mut sequential(capacity, VERIFY_SECTORS), &mut |s, buf| {
+                if s == 0 {
+                    first.as_mut_slice().copy_from_slice(&buf[..SECTOR_SIZE]);
+                }
+                for (n, d) in buf.chunks_exact(SECTOR_SIZE).enumerate() {
+                    matching += sector_matches(seed, s + n as u64, d) as u64;
+                }
+                true
+            })
             .and_then(|_| {
                 if capacity == 0 {
                     write_refused = true;
@@ -406,14 +375,9 @@ pub fn workload(dev: Device, settings: &Settings) -> bool {
         .dec("requests", requests)
         .dec("notifies", stats.notifies.get());
     if readonly {
-        line = line.dec("pattern", matching).text(
-            "write",
-            if write_refused {
-                b"refused"
-            } else {
-                b"accepted"
-            },
-        );
+        line = line
+            .dec("pattern", matching)
+            .text("write", if write_refused { b"refused" } else { b"accepted" });
     }
     line = annotate(line, &stats);
     match result {

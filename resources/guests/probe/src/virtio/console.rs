@@ -7,11 +7,7 @@ use alloc::vec::Vec;
 use virtio_drivers::device::console::VirtIOConsole;
 
 pub fn workload(dev: Device) -> bool {
-    let Device {
-        transport,
-        stats,
-        name,
-    } = dev;
+    let Device { transport, stats, name } = dev;
     let mut console = match VirtIOConsole::<ProbeHal, _>::new(transport) {
         Ok(c) => c,
         Err(e) => return init_failed(name, &e),

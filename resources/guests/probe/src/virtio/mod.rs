@@ -84,8 +84,7 @@ impl Name {
         let k = self.kind.len();
         name[..k].copy_from_slice(self.kind.as_bytes());
         let n = dec(self.index as u64, &mut name[k..]);
-        line.text("dev", &name[..k + n])
-            .text("transport", self.bus.as_bytes())
+        line.text("dev", &name[..k + n]).text("transport", self.bus.as_bytes())
     }
 }
 
@@ -354,7 +353,7 @@ pub fn run(info: &BootInfo, acpi: &Acpi) -> bool {
     for dev in devs {
         ok &= match dev.name.kind {
             "blk" => blk::workload(dev, &settings),
-            "net" => net::workload(dev),
+            "net" => net::workload(dev, &settings),
             "rng" => rng::workload(dev),
             "console" => console::workload(dev),
             _ => {

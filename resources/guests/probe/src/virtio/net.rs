@@ -58,11 +58,7 @@ fn build(mac: [u8; 6], seq: u32, len: usize, out: &mut [u8]) {
 
 /// The sequence number of a received frame, if it is one of ours, whole.
 fn check(mac: [u8; 6], frame: &[u8]) -> Option<u32> {
-    if frame.len() < MIN_FRAME
-        || frame[0..6] != mac
-        || frame[6..12] != mac
-        || frame[12..14] != ETHERTYPE
-    {
+    if frame.len() < MIN_FRAME || frame[0..6] != mac || frame[6..12] != mac || frame[12..14] != ETHERTYPE {
         return None;
     }
     let seq = u32::from_le_bytes(frame[14..18].try_into().unwrap());
@@ -133,9 +129,7 @@ impl Rig {
     pub fn echo(&mut self, count: u32, len: &dyn Fn(u32) -> usize) -> Result<Moved, &'static str> {
         let hdr = {
             let mut h = [0u8; 16];
-            self.net
-                .fill_buffer_header(&mut h)
-                .map_err(|e| error_name(&e))?
+            self.net.fill_buffer_header(&mut h).map_err(|e| error_name(&e))?
         };
         let mut seen = vec![0u64; (count as usize).div_ceil(64)];
         let mut moved = Moved::default();
@@ -191,10 +185,7 @@ impl Rig {
                 // poll_transmit returns its token.
                 let token = unsafe { self.net.transmit_begin(&self.tx[i].as_slice()[..hdr + n]) }
                     .map_err(|e| error_name(&e))?;
-                *self
-                    .tx_by_token
-                    .get_mut(token as usize)
-                    .ok_or("bad_tx_token")? = i as u8;
+                *self.tx_by_token.get_mut(token as usize).ok_or("bad_tx_token")? = i as u8;
                 sent += 1;
                 progress = true;
             }
@@ -210,13 +201,164 @@ impl Rig {
     }
 }
 
-/// Mode `basic`: 64 frames of 20 to 1514 bytes, each echoed and checked.
-pub fn workload(dev: Device) -> bool {
-    let Device {
-        transport,
-        stats,
-        name,
-    } = dev;
+const ETHERTYPE_ARP: [u8; 2] = [0x08, 0x06];
+/// ARP requests sent to a peer on a TAP (`probe.net_peer`).
+const ARP_EXCHANGES: u32 = 4;
+
+/// An ARP request (Ethernet, IPv4) from `mac`/`ip` for `peer`.
+fn arp_request(mac: [u8; 6], ip: [u8; 4], peer: [u8; 4], out: &mut [u8]) -> usize {
+    out[0..6].fill(0xff);
+    out[6..12].copy_from_slice(&mac);
+    out[12..14].copy_from_slice(&ETHERTYPE_ARP);
+    // htype 1, ptype IPv4, hlen 6, plen 4, op 1 (request)
+    out[14..22].copy_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    out[22..28].copy_from_slice(&mac);
+    out[28..32].copy_from_slice(&ip);
+    out[32..38].fill(0);
+    out[38..42].copy_from_slice(&peer);
+    42
+}
+
+/// The peer's MAC if `frame` is an ARP reply from `peer` to `mac`.
+fn arp_reply_from(mac: [u8; 6], peer: [u8; 4], frame: &[u8]) -> Option<[u8; 6]> {
+    let is_reply = frame.len() >= 42
+        && frame[0..6] == mac
+        && frame[12..14] == ETHERTYPE_ARP
+        && frame[20..22] == [0, 2]
+        && frame[28..32] == peer
+        && frame[32..38] == mac;
+    is_reply.then(|| frame[22..28].try_into().unwrap())
+}
+
+impl Rig {
+    /// Asks `peer` (a host behind a TAP) for its MAC `ARP_EXCHANGES`
+    /// times, each time waiting for the reply; other frames the host sends
+    /// (IPv6 chatter) are skipped. Returns the peer's MAC.
+    pub fn arp(&mut self, ip: [u8; 4], peer: [u8; 4]) -> Result<([u8; 6], Moved), &'static str> {
+        let hdr = {
+            let mut h = [0u8; 16];
+            self.net.fill_buffer_header(&mut h).map_err(|e| error_name(&e))?
+        };
+        let mut moved = Moved::default();
+        let mut peer_mac = None;
+        for _ in 0..ARP_EXCHANGES {
+            let i = self.tx_free.pop().ok_or("no_tx_buffer")?;
+            let buf = self.tx[i].as_mut_slice();
+            buf[..hdr].fill(0);
+            let n = arp_request(self.mac, ip, peer, &mut buf[hdr..]);
+            // SAFETY: the buffer stays put and untouched until
+            // poll_transmit returns its token, which the loop below waits for.
+            let token =
+                unsafe { self.net.transmit_begin(&self.tx[i].as_slice()[..hdr + n]) }.map_err(|e| error_name(&e))?;
+            let start = rdtsc();
+            let (mut sent, mut answered) = (false, false);
+            while !(sent && answered) {
+                if rdtsc() - start > TIMEOUT {
+                    return Err("arp_timeout");
+                }
+                if !sent && self.net.poll_transmit() == Some(token) {
+                    // SAFETY: the buffer given to transmit_begin with this token.
+                    unsafe { self.net.transmit_complete(token, &self.tx[i].as_slice()[..hdr + n]) }
+                        .map_err(|e| error_name(&e))?;
+                    self.tx_free.push(i);
+                    sent = true;
+                    moved.frames += 1;
+                    moved.bytes += n as u64;
+                }
+                if let Some(rx_token) = self.net.poll_receive() {
+                    let j = match self.rx_by_token.get_mut(rx_token as usize) {
+                        Some(t) if *t != NONE => core::mem::replace(t, NONE) as usize,
+                        _ => return Err("unknown_rx_token"),
+                    };
+                    // SAFETY: the buffer given to receive_begin with this token.
+                    let (h, len) = unsafe { self.net.receive_complete(rx_token, self.rx[j].as_mut_slice()) }
+                        .map_err(|e| error_name(&e))?;
+                    if let Some(m) = arp_reply_from(self.mac, peer, &self.rx[j].as_slice()[h..h + len]) {
+                        peer_mac = Some(m);
+                        answered = true;
+                        moved.frames += 1;
+                        moved.bytes += len as u64;
+                    }
+                    self.post_rx(j).map_err(|e| error_name(&e))?;
+                }
+                spin_loop();
+            }
+        }
+        peer_mac.map(|m| (m, moved)).ok_or("no_arp_reply")
+    }
+}
+
+/// `a.b.c.d` as four bytes.
+fn parse_ipv4(text: &[u8]) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = text.split(|&b| b == b'.');
+    for o in out.iter_mut() {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || !p.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        *o = u8::try_from(p.iter().fold(0u32, |v, &d| v * 10 + u32::from(d - b'0'))).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// Mode `basic` on a TAP (`probe.net_peer=<host IPv4>`, `probe.net_ip=<ours>`):
+/// ARP the host and check it answers.
+fn exchange_with_peer(dev: Device, ip: [u8; 4], peer: [u8; 4]) -> bool {
+    let Device { transport, stats, name } = dev;
+    let mut rig = match Rig::new(transport) {
+        Ok(r) => r,
+        Err(e) => return init_failed(name, &e),
+    };
+    if !check_features(name, &stats) {
+        return false;
+    }
+    let result = rig.arp(ip, peer);
+    drop(rig);
+    let mut line = name.line().word("peer=arp");
+    if let Ok((_, moved)) = &result {
+        line = line.dec("frames", moved.frames).dec("bytes", moved.bytes);
+    }
+    line = annotate(line.dec("notifies", stats.notifies.get()), &stats);
+    match result {
+        Ok((mac, _)) => {
+            let mut text = [0u8; 17];
+            for (k, b) in mac.iter().enumerate() {
+                let hex = b"0123456789abcdef";
+                text[k * 3] = hex[usize::from(b >> 4)];
+                text[k * 3 + 1] = hex[usize::from(b & 15)];
+                if k < 5 {
+                    text[k * 3 + 2] = b':';
+                }
+            }
+            line.text("peer_mac", &text).word("result=ok").emit();
+            true
+        }
+        Err(r) => {
+            line.word("result=fail").text("reason", r.as_bytes()).emit();
+            false
+        }
+    }
+}
+
+/// Mode `basic`: with `probe.net_peer`, an ARP exchange with the host on
+/// a TAP; otherwise 64 frames of 20 to 1514 bytes through the loopback,
+/// each echoed and checked.
+pub fn workload(dev: Device, settings: &super::Settings) -> bool {
+    if let Some(peer) = crate::bootinfo::param(settings.cmdline, "probe.net_peer") {
+        let ip = crate::bootinfo::param(settings.cmdline, "probe.net_ip").and_then(parse_ipv4);
+        return match (parse_ipv4(peer), ip) {
+            (Some(peer), Some(ip)) => exchange_with_peer(dev, ip, peer),
+            _ => {
+                dev.name
+                    .line()
+                    .word("result=fail reason=bad_probe.net_peer_or_net_ip")
+                    .emit();
+                false
+            }
+        };
+    }
+    let Device { transport, stats, name } = dev;
     let mut rig = match Rig::new(transport) {
         Ok(r) => r,
         Err(e) => return init_failed(name, &e),

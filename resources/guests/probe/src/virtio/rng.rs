@@ -16,9 +16,7 @@ fn read_all(
     let mut at = 0;
     while at < buf.len() {
         *requests += 1;
-        let n = rng
-            .request_entropy(&mut buf[at..])
-            .map_err(|e| error_name(&e))?;
+        let n = rng.request_entropy(&mut buf[at..]).map_err(|e| error_name(&e))?;
         if n == 0 {
             return Err("empty_answer");
         }
@@ -28,11 +26,7 @@ fn read_all(
 }
 
 pub fn workload(dev: Device) -> bool {
-    let Device {
-        transport,
-        stats,
-        name,
-    } = dev;
+    let Device { transport, stats, name } = dev;
     let mut rng = match VirtIORng::<ProbeHal, _>::new(transport) {
         Ok(r) => r,
         Err(e) => return init_failed(name, &e),

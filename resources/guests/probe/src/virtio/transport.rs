@@ -130,9 +130,7 @@ impl Transport for Probed {
 
     fn write_driver_features(&mut self, driver_features: u64) {
         let mut f = driver_features;
-        if self.stats.offered.get() & F_ACCESS_PLATFORM != 0
-            && hal::policy().accepts_access_platform()
-        {
+        if self.stats.offered.get() & F_ACCESS_PLATFORM != 0 && hal::policy().accepts_access_platform() {
             f |= F_ACCESS_PLATFORM;
         }
         self.stats.accepted.set(f);
@@ -236,11 +234,7 @@ impl Transport for Probed {
         each!(&self.inner, t => t.read_config_space(offset))
     }
 
-    fn write_config_space<T: IntoBytes + Immutable>(
-        &mut self,
-        offset: usize,
-        value: T,
-    ) -> Result<()> {
+    fn write_config_space<T: IntoBytes + Immutable>(&mut self, offset: usize, value: T) -> Result<()> {
         each!(&mut self.inner, t => t.write_config_space(offset, value))
     }
 }
