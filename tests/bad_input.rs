@@ -166,7 +166,7 @@ fn no_permission_for_dev_kvm() {
     let out = run_command(
         std::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&veil)
+            .arg(&veil_copy)
             .args(["run", "--kernel"])
             .arg(&kernel),
         LIMIT,
