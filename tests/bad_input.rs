@@ -163,6 +163,10 @@ fn no_permission_for_dev_kvm() {
     )
     .unwrap();
     std::fs::set_permissions(&kernel, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    // The build tree may sit where an unprivileged user cannot reach it.
+    let veil_copy = scratch("veil-for-nobody");
+    std::fs::copy(veil_bin(), &veil_copy).unwrap();
+    std::fs::set_permissions(&veil_copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = run_command(
         std::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
