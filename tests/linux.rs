@@ -10,7 +10,8 @@ use std::time::Duration;
 
 /// The boot line this machine's KVM needs (resources/linux/README.md says
 /// why each word is there); harmless on ordinary KVM hosts.
-const CMDLINE: &str = "console=ttyS0 clearcpuid=xsave,cx16,popcnt,smap noint3selftest reboot=k panic=-1";
+const CMDLINE: &str =
+    "console=ttyS0 clearcpuid=xsave,cx16,popcnt,smap,erms,fsrm noint3selftest noreplace-smp reboot=k panic=-1";
 /// KVM paravirtual features whose hypercalls (vmcall at CPL0) never return
 /// on the nested KVM of veil's CI; hidden from the guest, which then uses
 /// the native paths (IPIs through the LAPIC, no PV spinlock kicks).
@@ -83,14 +84,14 @@ fn assert_booted(out: &Output) {
 #[test]
 fn vmlinux_boots_to_userspace_and_powers_off() {
     if linux_dir().is_some() {
-        assert_booted(&boot("vmlinux", 1, ""));
+        assert_booted(&boot("vmlinux", 1, "quiet"));
     }
 }
 
 #[test]
 fn bzimage_boots_to_userspace_and_powers_off() {
     if linux_dir().is_some() {
-        assert_booted(&boot("bzImage", 1, ""));
+        assert_booted(&boot("bzImage", 1, "quiet"));
     }
 }
 
@@ -146,7 +147,7 @@ fn boot_virtio_in_netns(transport: &str) -> Option<Output> {
         && ip(&["-n", &ns, "link", "set", "vtap0", "up"]);
     assert!(ok, "cannot set up vtap0 in {ns}");
     let image = ext4_image(&format!("linux-{transport}"));
-    let cmdline = format!("{CMDLINE} veil.test=virtio");
+    let cmdline = format!("{CMDLINE} quiet veil.test=virtio");
     let out = run_command(
         std::process::Command::new("ip")
             .args(["netns", "exec", &ns])
