@@ -73,6 +73,26 @@ pub struct ActiveQueue {
     pub notify: EventFd,
 }
 
+/// The queues of an activation as an array in index order: exactly queues
+/// `0..N`, each ready, or an error naming what is missing or extra.
+pub fn take_queues<const N: usize>(queues: Vec<ActiveQueue>, device: &str) -> Result<[ActiveQueue; N], ActivateError> {
+    let mut slots: [Option<ActiveQueue>; N] = std::array::from_fn(|_| None);
+    for q in queues {
+        let index = usize::from(q.index);
+        match slots.get_mut(index) {
+            Some(slot) if slot.is_none() => *slot = Some(q),
+            _ => return Err(ActivateError::Invalid(format!("{device} has no queue {index}"))),
+        }
+    }
+    let missing: Vec<usize> = (0..N).filter(|&i| slots[i].is_none()).collect();
+    if !missing.is_empty() {
+        return Err(ActivateError::Invalid(format!(
+            "{device}: the driver did not set up queue(s) {missing:?}"
+        )));
+    }
+    Ok(slots.map(|q| q.expect("checked above")))
+}
+
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct Activation {
     pub mem: DmaMemory,
@@ -116,5 +136,34 @@ pub trait VirtioDevice: Send {
     /// transport then shows DEVICE_NEEDS_RESET until the driver resets it.
     fn needs_reset(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::QueueT;
+
+    fn q(index: u16) -> ActiveQueue {
+        ActiveQueue {
+            index,
+            queue: Queue::new(16).unwrap(),
+            notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    #[test]
+    fn take_queues_orders_and_checks() {
+        let [a, b] = take_queues::<2>(vec![q(1), q(0)], "dev").unwrap();
+        assert_eq!((a.index, b.index), (0, 1));
+        assert!(take_queues::<2>(vec![q(0)], "dev")
+            .unwrap_err()
+            .to_string()
+            .contains("[1]"));
+        assert!(take_queues::<1>(vec![q(0), q(1)], "dev")
+            .unwrap_err()
+            .to_string()
+            .contains("no queue 1"));
+        assert!(take_queues::<2>(vec![q(0), q(0)], "dev").is_err());
     }
 }

@@ -18,7 +18,7 @@ mod request;
 mod tests;
 
 use super::worker::Worker;
-use super::{device_type, features, ActivateError, Activation, VirtioDevice};
+use super::{device_type, features, take_queues, ActivateError, Activation, VirtioDevice};
 use backend::DiskBackend;
 use handler::{Disk, QueueWorker, COPY_CHUNK};
 use request::{Limits, SECTOR_SIZE};
@@ -216,12 +216,7 @@ impl VirtioDevice for Block {
             acked_features,
             metrics,
         } = activation;
-        let mut queues = queues.into_iter();
-        let q = match (queues.next(), queues.next()) {
-            (Some(q), None) if q.index == 0 => q,
-            (None, _) => return Err(ActivateError::Invalid("the request queue is not ready".into())),
-            _ => return Err(ActivateError::Invalid("virtio-blk has one queue".into())),
-        };
+        let [q] = take_queues(queues, &self.name)?;
         let limits = Limits {
             max_descriptors: QUEUE_SIZE,
             indirect: acked_features & features::RING_INDIRECT_DESC != 0,

@@ -19,6 +19,7 @@
 //! (given back empty); `bad_descriptors` / `dma_denied` as for every device.
 
 use super::net::chain::{complete, memory_error_counter, notify_used, pop_chain, read_config_bytes, Buffers};
+use super::take_queues;
 use super::worker::Worker;
 use super::{
     device_type, features, ActivateError, Activation, ActiveQueue, DeviceMetrics, VirtioDevice, VirtioInterrupt,
@@ -44,8 +45,7 @@ pub const QUEUE_SIZE: u16 = 64;
 /// Largest transmit chain printed; longer ones are dropped.
 pub const MAX_TX_CHAIN: u64 = 64 * 1024;
 
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
+/// Queue 0 receives, queue 1 transmits.
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 /// Offset of `emerg_wr` in the configuration.
 const EMERG_WR: u64 = 8;
@@ -144,19 +144,7 @@ impl VirtioDevice for Console {
             metrics,
             ..
         } = activation;
-        let (mut rx, mut tx) = (None, None);
-        for q in queues {
-            match q.index {
-                RX_QUEUE => rx = Some(q),
-                TX_QUEUE => tx = Some(q),
-                i => return Err(ActivateError::Invalid(format!("no queue {i}"))),
-            }
-        }
-        let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(ActivateError::Invalid(
-                "the driver must set up both receiveq and transmitq".into(),
-            ));
-        };
+        let [rx, tx] = take_queues(queues, &self.name)?;
         let input = match &self.input {
             Some(f) => Some(f.try_clone()?),
             None => None,

@@ -39,6 +39,7 @@ pub(crate) mod testutil;
 pub use backend::{Backend, Loopback, NetBackend};
 pub use tap::Tap;
 
+use super::take_queues;
 use super::worker::Worker;
 use super::{
     device_type, features, ActivateError, Activation, ActiveQueue, DeviceMetrics, VirtioDevice, VirtioInterrupt,
@@ -64,8 +65,7 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
 
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
+/// Queue 0 receives, queue 1 transmits.
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 /// Chains handled per wake-up before other events get a turn.
 const BUDGET: usize = 256;
@@ -141,19 +141,7 @@ impl VirtioDevice for Net {
             metrics,
             ..
         } = activation;
-        let (mut rx, mut tx) = (None, None);
-        for q in queues {
-            match q.index {
-                RX_QUEUE => rx = Some(q),
-                TX_QUEUE => tx = Some(q),
-                i => return Err(ActivateError::Invalid(format!("no queue {i}"))),
-            }
-        }
-        let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(ActivateError::Invalid(
-                "the driver must set up both the receive and the transmit queue".into(),
-            ));
-        };
+        let [rx, tx] = take_queues(queues, &self.name)?;
         let backend = self.backend.connect()?;
         let handler = NetWorker::new(mem, rx, tx, backend, interrupt, metrics);
         self.worker = Some(Worker::spawn(&self.name, handler)?);

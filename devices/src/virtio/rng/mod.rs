@@ -8,6 +8,7 @@
 //! `dma_denied` for chains that cannot be walked or written.
 
 use super::net::chain::{complete, memory_error_counter, notify_used, pop_chain, Buffers};
+use super::take_queues;
 use super::worker::Worker;
 use super::{
     device_type, features, ActivateError, Activation, ActiveQueue, DeviceMetrics, VirtioDevice, VirtioInterrupt,
@@ -86,15 +87,7 @@ impl VirtioDevice for Rng {
             metrics,
             ..
         } = activation;
-        let mut queues = queues.into_iter();
-        let (Some(queue), None) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::Invalid(
-                "the driver must set up the one request queue".into(),
-            ));
-        };
-        if queue.index != 0 {
-            return Err(ActivateError::Invalid(format!("no queue {}", queue.index)));
-        }
+        let [queue] = take_queues(queues, &self.name)?;
         let handler = RngWorker {
             mem,
             queue,
