@@ -5,10 +5,11 @@
 //! | table | what it says |
 //! | --- | --- |
 //! | RSDP | revision 2, points at the XSDT |
-//! | XSDT | FADT, MADT and, with PCI, MCFG |
+//! | XSDT | FADT, MADT, MCFG (with PCI), VIOT (with a virtio-iommu) |
 //! | FADT | revision 6.5, hardware-reduced ACPI, sleep control/status registers in I/O space, X_DSDT |
 //! | MADT | revision 5: one enabled Local APIC per vCPU, the I/O APIC, the Multiprocessor Wakeup mailbox |
 //! | MCFG | the PCI ECAM window (only with PCI) |
+//! | VIOT | revision 0: the virtio-iommu and the PCI ranges and virtio-mmio devices behind it (only with [`Viot`]) |
 //! | DSDT | `\_S5_`, processor devices, COM1, virtio-mmio devices, the PCI host bridge |
 //!
 //! Every table starts on an 8-byte boundary. The whole area, from the RSDP to
@@ -83,6 +84,26 @@ const MP_WAKEUP_MAILBOX_VERSION: u16 = 0;
 /// ECAM: 4 KiB of config space per function, 8 functions, 32 devices.
 const ECAM_BUS_SHIFT: u32 = 20;
 
+// VIOT (ACPI 6.5, "Virtual I/O Translation (VIOT) Table"; Linux: drivers/acpi/viot.c).
+/// VIOT revision 0, as ACPI 6.5 gives it. (acpi_tables' own VIOT builder
+/// writes 1; Linux does not look at the revision.)
+const VIOT_REVISION: u8 = 0;
+/// The standard header, Node Count (u16), Node Offset (u16), 8 reserved bytes.
+const VIOT_HEADER_LEN: usize = HEADER_LEN + 12;
+/// Where the first node, the virtio-iommu, starts; every endpoint node's
+/// Output Node field holds this offset.
+const VIOT_IOMMU_NODE_OFFSET: u16 = VIOT_HEADER_LEN as u16;
+const VIOT_NODE_PCI_RANGE: u8 = 1;
+const VIOT_NODE_MMIO_ENDPOINT: u8 = 2;
+const VIOT_NODE_VIRTIO_PCI_IOMMU: u8 = 3;
+const VIOT_NODE_VIRTIO_MMIO_IOMMU: u8 = 4;
+/// Length of both virtio-iommu node types.
+const VIOT_IOMMU_NODE_LEN: u16 = 16;
+/// Length of both endpoint node types.
+const VIOT_ENDPOINT_NODE_LEN: u16 = 24;
+/// Node Count is 16 bits; the virtio-iommu node is one of them.
+pub const VIOT_MAX_NODES: usize = u16::MAX as usize;
+
 /// A virtio-mmio transport, described in the DSDT with `_HID` "LNRO0005".
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VirtioMmioDevice {
@@ -112,6 +133,79 @@ pub struct PciEcam {
     pub io: Option<(u16, u16)>,
 }
 
+/// Where the virtio-iommu described by the VIOT is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViotIommu {
+    /// A virtio-pci function (VIOT node type 3). `bdf` is
+    /// `bus << 8 | device << 3 | function`; the function must be on the
+    /// [`PciEcam`] host bridge, because Linux looks it up among the PCI
+    /// devices it has enumerated.
+    Pci {
+        /// PCI segment group.
+        segment: u16,
+        /// Bus, device and function.
+        bdf: u16,
+    },
+    /// A virtio-mmio transport (VIOT node type 4), by the base of its
+    /// register window: one of [`AcpiConfig::virtio_mmio`], because Linux
+    /// looks for the DSDT device whose `_CRS` holds this address.
+    Mmio {
+        /// Base of the register window.
+        base: u64,
+    },
+}
+
+/// PCI functions behind the virtio-iommu (VIOT node type 1): BDFs
+/// `bdf_start..=bdf_end` on `segment` get endpoint IDs from `endpoint_start`
+/// up, one per BDF (see [`ViotPciRange::endpoint_id`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViotPciRange {
+    /// PCI segment group (the node's Segment Start and Segment End).
+    pub segment: u16,
+    /// First BDF (`bus << 8 | device << 3 | function`).
+    pub bdf_start: u16,
+    /// Last BDF, inclusive.
+    pub bdf_end: u16,
+    /// Endpoint ID of `bdf_start`.
+    pub endpoint_start: u32,
+}
+
+impl ViotPciRange {
+    /// The endpoint ID a guest gives the PCI function (or DMA alias)
+    /// `segment:bdf` if this range covers it: `endpoint_start + (bdf -
+    /// bdf_start)`, as Linux's `viot_pci_dev_iommu_init` computes it. The
+    /// virtio-iommu device must recognize requests for this ID as that function's.
+    pub fn endpoint_id(&self, segment: u16, bdf: u16) -> Option<u32> {
+        if segment != self.segment || bdf < self.bdf_start || bdf > self.bdf_end {
+            return None;
+        }
+        self.endpoint_start.checked_add(u32::from(bdf - self.bdf_start))
+    }
+}
+
+/// A virtio-mmio device behind the virtio-iommu (VIOT node type 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViotMmioEndpoint {
+    /// Base of the device's register window: one of
+    /// [`AcpiConfig::virtio_mmio`]. Linux matches it exactly against the
+    /// start of the device's first memory resource.
+    pub base: u64,
+    /// The device's endpoint ID.
+    pub endpoint: u32,
+}
+
+/// A virtio-iommu and the endpoints it translates for: the VIOT table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Viot {
+    /// Where the virtio-iommu itself is.
+    pub iommu: ViotIommu,
+    /// PCI endpoints behind it. Ranges on a segment must not overlap; a
+    /// range may include the virtio-iommu's own BDF (Linux skips it).
+    pub pci_ranges: Vec<ViotPciRange>,
+    /// virtio-mmio endpoints behind it, one per device.
+    pub mmio_endpoints: Vec<ViotMmioEndpoint>,
+}
+
 /// What the ACPI tables describe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcpiConfig {
@@ -131,6 +225,9 @@ pub struct AcpiConfig {
     pub virtio_mmio: Vec<VirtioMmioDevice>,
     /// PCI: MCFG table plus a PNP0A08 host bridge in the DSDT.
     pub pci_ecam: Option<PciEcam>,
+    /// A virtio-iommu: the VIOT table. All endpoint IDs (of every PCI range
+    /// and MMIO endpoint) must be distinct.
+    pub viot: Option<Viot>,
 }
 
 /// Why the ACPI tables could not be written.
@@ -188,12 +285,13 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
     // Tables whose content does not depend on where they are placed.
     let madt = build_madt(cfg);
     let mcfg = cfg.pci_ecam.as_ref().map(build_mcfg);
+    let viot = cfg.viot.as_ref().map(build_viot);
     let dsdt = build_dsdt(cfg);
     let fadt_len = acpi_tables::fadt::FADT::len() as u64;
-    let xsdt_entries = 2 + u64::from(mcfg.is_some());
+    let xsdt_entries = 2 + u64::from(mcfg.is_some()) + u64::from(viot.is_some());
     let xsdt_len = HEADER_LEN as u64 + 8 * xsdt_entries;
 
-    // Layout: RSDP, XSDT, FADT, MADT, [MCFG], DSDT.
+    // Layout: RSDP, XSDT, FADT, MADT, [MCFG], [VIOT], DSDT.
     let no_space = |end: u64| AcpiError::NoSpace {
         start,
         end,
@@ -213,6 +311,10 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
         Some(t) => Some(place(t.len() as u64)?),
         None => None,
     };
+    let viot_at = match &viot {
+        Some(t) => Some(place(t.len() as u64)?),
+        None => None,
+    };
     let dsdt_at = place(dsdt.len() as u64)?;
     let end = cursor;
     if end > limit.0 {
@@ -226,6 +328,7 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
     let fadt = build_fadt(cfg, dsdt_at);
     let mut xsdt_tables = vec![fadt_at, madt_at];
     xsdt_tables.extend(mcfg_at);
+    xsdt_tables.extend(viot_at);
     let xsdt = build_xsdt(&xsdt_tables);
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_at));
     debug_assert_eq!(rsdp.len() as u64, RSDP_LEN);
@@ -244,12 +347,15 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
     if let (Some(at), Some(table)) = (mcfg_at, &mcfg) {
         writes.push((at, table.as_slice()));
     }
+    if let (Some(at), Some(table)) = (viot_at, &viot) {
+        writes.push((at, table.as_slice()));
+    }
     for (at, bytes) in writes {
         mem.write_slice(bytes, GuestAddress(at))?;
     }
     log::debug!(
         "ACPI tables at {start:#x}..{end:#x}: XSDT {xsdt_at:#x}, FADT {fadt_at:#x}, \
-         MADT {madt_at:#x}, MCFG {mcfg_at:x?}, DSDT {dsdt_at:#x}"
+         MADT {madt_at:#x}, MCFG {mcfg_at:x?}, VIOT {viot_at:x?}, DSDT {dsdt_at:#x}"
     );
     Ok(GuestAddress(end))
 }
@@ -340,6 +446,150 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
             }
         }
     }
+    if let Some(viot) = &cfg.viot {
+        validate_viot(cfg, viot)?;
+    }
+    Ok(())
+}
+
+fn viot_error(msg: String) -> AcpiError {
+    AcpiError::Config(format!("VIOT: {msg}"))
+}
+
+/// Bus number of a BDF.
+fn bdf_bus(bdf: u16) -> u8 {
+    bdf.to_be_bytes()[0]
+}
+
+/// `seg:bb:dd.f`.
+fn bdf_name(segment: u16, bdf: u16) -> String {
+    format!(
+        "{segment:04x}:{:02x}:{:02x}.{}",
+        bdf_bus(bdf),
+        (bdf >> 3) & 0x1F,
+        bdf & 7
+    )
+}
+
+/// Everything Linux needs to find the virtio-iommu and match every endpoint
+/// to exactly one node and one endpoint ID.
+fn validate_viot(cfg: &AcpiConfig, viot: &Viot) -> Result<(), AcpiError> {
+    let nodes = 1 + viot.pci_ranges.len() + viot.mmio_endpoints.len();
+    if nodes > VIOT_MAX_NODES {
+        return Err(viot_error(format!(
+            "{nodes} nodes (the virtio-iommu, {} PCI ranges, {} MMIO endpoints): \
+             the node count is 16 bits, at most {VIOT_MAX_NODES}",
+            viot.pci_ranges.len(),
+            viot.mmio_endpoints.len()
+        )));
+    }
+    // The host bridge that `segment` names.
+    let host_bridge = |what: &str, segment: u16| -> Result<&PciEcam, AcpiError> {
+        match &cfg.pci_ecam {
+            Some(pci) if pci.segment == segment => Ok(pci),
+            Some(pci) => Err(viot_error(format!(
+                "{what} is on PCI segment {segment}, but the only segment is {}",
+                pci.segment
+            ))),
+            None => Err(viot_error(format!(
+                "{what} is on PCI segment {segment}, but there is no PCI"
+            ))),
+        }
+    };
+    let is_mmio_device = |base: u64| cfg.virtio_mmio.iter().any(|dev| dev.base == base);
+
+    match viot.iommu {
+        ViotIommu::Pci { segment, bdf } => {
+            let what = format!("the virtio-iommu {}", bdf_name(segment, bdf));
+            let pci = host_bridge(&what, segment)?;
+            if !(pci.bus_start..=pci.bus_end).contains(&bdf_bus(bdf)) {
+                return Err(viot_error(format!(
+                    "{what} is outside the host bridge's buses {}..={}",
+                    pci.bus_start, pci.bus_end
+                )));
+            }
+        }
+        ViotIommu::Mmio { base } => {
+            if !is_mmio_device(base) {
+                return Err(viot_error(format!(
+                    "the virtio-iommu at {base:#x} is not the base of a virtio-mmio device"
+                )));
+            }
+        }
+    }
+
+    // Endpoint IDs each node hands out: (first, last, node).
+    let mut ids: Vec<(u32, u32, String)> = Vec::with_capacity(nodes - 1);
+    // PCI ranges by (segment, first BDF): (segment, first, last, node).
+    let mut bdfs: Vec<(u16, u16, u16, String)> = Vec::with_capacity(viot.pci_ranges.len());
+    for (index, range) in viot.pci_ranges.iter().enumerate() {
+        let what = format!(
+            "PCI range {index} ({}..={})",
+            bdf_name(range.segment, range.bdf_start),
+            bdf_name(range.segment, range.bdf_end)
+        );
+        if range.bdf_start > range.bdf_end {
+            return Err(viot_error(format!(
+                "{what}: bdf_start {:#06x} is above bdf_end {:#06x}",
+                range.bdf_start, range.bdf_end
+            )));
+        }
+        let pci = host_bridge(&what, range.segment)?;
+        if bdf_bus(range.bdf_start) < pci.bus_start || bdf_bus(range.bdf_end) > pci.bus_end {
+            return Err(viot_error(format!(
+                "{what} reaches past the host bridge's buses {}..={}",
+                pci.bus_start, pci.bus_end
+            )));
+        }
+        let Some(last_id) = range.endpoint_id(range.segment, range.bdf_end) else {
+            return Err(viot_error(format!(
+                "{what}: endpoint IDs from {:#x} overflow 32 bits",
+                range.endpoint_start
+            )));
+        };
+        ids.push((range.endpoint_start, last_id, what.clone()));
+        bdfs.push((range.segment, range.bdf_start, range.bdf_end, what));
+    }
+    // Linux uses the first range in its list that matches, and its list is
+    // in reverse table order: overlapping ranges would silently shadow each other.
+    bdfs.sort_by_key(|(segment, first, ..)| (*segment, *first));
+    for pair in bdfs.windows(2) {
+        let ((seg_a, _, last_a, a), (seg_b, first_b, _, b)) = (&pair[0], &pair[1]);
+        if seg_a == seg_b && first_b <= last_a {
+            return Err(viot_error(format!("{a} and {b} overlap")));
+        }
+    }
+
+    let mut bases: Vec<(u64, String)> = Vec::with_capacity(viot.mmio_endpoints.len());
+    for (index, ep) in viot.mmio_endpoints.iter().enumerate() {
+        let what = format!("MMIO endpoint {index} ({:#x})", ep.base);
+        if !is_mmio_device(ep.base) {
+            return Err(viot_error(format!("{what} is not the base of a virtio-mmio device")));
+        }
+        if viot.iommu == (ViotIommu::Mmio { base: ep.base }) {
+            return Err(viot_error(format!("{what} is the virtio-iommu itself")));
+        }
+        ids.push((ep.endpoint, ep.endpoint, what.clone()));
+        bases.push((ep.base, what));
+    }
+    bases.sort_by_key(|(base, _)| *base);
+    for pair in bases.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            return Err(viot_error(format!(
+                "{} and {} are the same device",
+                pair[0].1, pair[1].1
+            )));
+        }
+    }
+
+    // Sorted by first ID, two sets of IDs overlap only if neighbours do.
+    ids.sort_by_key(|(first, ..)| *first);
+    for pair in ids.windows(2) {
+        let ((_, last_a, a), (first_b, _, b)) = (&pair[0], &pair[1]);
+        if first_b <= last_a {
+            return Err(viot_error(format!("{a} and {b} share endpoint ID {first_b:#x}")));
+        }
+    }
     Ok(())
 }
 
@@ -420,6 +670,83 @@ fn build_mcfg(pci: &PciEcam) -> Vec<u8> {
     let mut mcfg = MCFG::new(OEM_ID, oem_table_id(b"MCFG"), OEM_REVISION);
     mcfg.add_ecam(pci.base, pci.segment, pci.bus_start, pci.bus_end);
     to_bytes(&mcfg)
+}
+
+/// Appends a VIOT node: Type, Reserved, Length, then `fields`, which must
+/// fill the rest of the node exactly (reserved bytes included).
+fn push_viot_node(body: &mut Vec<u8>, node_type: u8, len: u16, fields: &[&[u8]]) {
+    let start = body.len();
+    body.extend_from_slice(&[node_type, 0]);
+    body.extend_from_slice(&len.to_le_bytes());
+    for field in fields {
+        body.extend_from_slice(field);
+    }
+    debug_assert_eq!(body.len() - start, usize::from(len), "VIOT node type {node_type}");
+}
+
+/// The VIOT: header, then the virtio-iommu node at [`VIOT_IOMMU_NODE_OFFSET`],
+/// then one node per PCI range and per MMIO endpoint, each naming the
+/// virtio-iommu node as its Output Node. Every node is 16 or 24 bytes, so
+/// all of them stay 8-byte aligned.
+fn build_viot(viot: &Viot) -> Vec<u8> {
+    // Checked by validate(): at most VIOT_MAX_NODES nodes.
+    let node_count = (1 + viot.pci_ranges.len() + viot.mmio_endpoints.len()) as u16;
+    let output_node = VIOT_IOMMU_NODE_OFFSET.to_le_bytes();
+    let reserved = [0u8; 8];
+
+    let mut body = Vec::new();
+    body.extend_from_slice(&node_count.to_le_bytes());
+    body.extend_from_slice(&VIOT_IOMMU_NODE_OFFSET.to_le_bytes());
+    body.extend_from_slice(&reserved);
+    debug_assert_eq!(HEADER_LEN + body.len(), usize::from(VIOT_IOMMU_NODE_OFFSET));
+
+    match viot.iommu {
+        ViotIommu::Pci { segment, bdf } => push_viot_node(
+            &mut body,
+            VIOT_NODE_VIRTIO_PCI_IOMMU,
+            VIOT_IOMMU_NODE_LEN,
+            &[&segment.to_le_bytes(), &bdf.to_le_bytes(), &reserved],
+        ),
+        ViotIommu::Mmio { base } => push_viot_node(
+            &mut body,
+            VIOT_NODE_VIRTIO_MMIO_IOMMU,
+            VIOT_IOMMU_NODE_LEN,
+            &[&reserved[..4], &base.to_le_bytes()],
+        ),
+    }
+    for range in &viot.pci_ranges {
+        push_viot_node(
+            &mut body,
+            VIOT_NODE_PCI_RANGE,
+            VIOT_ENDPOINT_NODE_LEN,
+            &[
+                &range.endpoint_start.to_le_bytes(),
+                &range.segment.to_le_bytes(), // Segment Start
+                &range.segment.to_le_bytes(), // Segment End
+                &range.bdf_start.to_le_bytes(),
+                &range.bdf_end.to_le_bytes(),
+                &output_node,
+                &reserved[..6],
+            ],
+        );
+    }
+    for ep in &viot.mmio_endpoints {
+        push_viot_node(
+            &mut body,
+            VIOT_NODE_MMIO_ENDPOINT,
+            VIOT_ENDPOINT_NODE_LEN,
+            &[
+                &ep.endpoint.to_le_bytes(),
+                &ep.base.to_le_bytes(),
+                &output_node,
+                &reserved[..6],
+            ],
+        );
+    }
+
+    let mut table = new_sdt(*b"VIOT", VIOT_REVISION);
+    table.append_slice(&body);
+    table.as_slice().to_vec()
 }
 
 /// AML that has already been serialized.
@@ -618,6 +945,7 @@ mod tests {
                 },
             ],
             pci_ecam: None,
+            viot: None,
         }
     }
 
@@ -629,6 +957,59 @@ mod tests {
             bus_end: 255,
             mmio32: (0xC000_0000, 0x1000_0000),
             io: Some((0x1000, 0xF000)),
+        });
+        cfg
+    }
+
+    /// PCI endpoints 00:02.0-00:02.7 (IDs 0x100..) and 00:03.0-00:1f.7 (IDs
+    /// 0x18..) plus the second virtio-mmio device (ID 0x1000) behind a
+    /// virtio-pci IOMMU at 00:01.0.
+    fn with_pci_iommu(cfg: AcpiConfig) -> AcpiConfig {
+        let mut cfg = with_pci(cfg);
+        cfg.viot = Some(Viot {
+            iommu: ViotIommu::Pci {
+                segment: 0,
+                bdf: 0x0008,
+            },
+            pci_ranges: vec![
+                ViotPciRange {
+                    segment: 0,
+                    bdf_start: 0x0010,
+                    bdf_end: 0x0017,
+                    endpoint_start: 0x100,
+                },
+                ViotPciRange {
+                    segment: 0,
+                    bdf_start: 0x0018,
+                    bdf_end: 0x00FF,
+                    endpoint_start: 0x18,
+                },
+            ],
+            mmio_endpoints: vec![ViotMmioEndpoint {
+                base: 0xD000_1000,
+                endpoint: 0x1000,
+            }],
+        });
+        cfg
+    }
+
+    /// The first virtio-mmio device is the IOMMU; behind it are the second
+    /// virtio-mmio device (ID 7) and every PCI function of bus 0 but 00:00.0
+    /// (IDs 0x1_0001..).
+    fn with_mmio_iommu(cfg: AcpiConfig) -> AcpiConfig {
+        let mut cfg = with_pci(cfg);
+        cfg.viot = Some(Viot {
+            iommu: ViotIommu::Mmio { base: 0xD000_0000 },
+            pci_ranges: vec![ViotPciRange {
+                segment: 0,
+                bdf_start: 0x0001,
+                bdf_end: 0x00FF,
+                endpoint_start: 0x1_0001,
+            }],
+            mmio_endpoints: vec![ViotMmioEndpoint {
+                base: 0xD000_1000,
+                endpoint: 7,
+            }],
         });
         cfg
     }
@@ -758,6 +1139,199 @@ mod tests {
             off += len;
         }
         entries
+    }
+
+    // ---- A VIOT reader, written from the ACPI 6.5 layout. ----
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum ViotNode {
+        PciRange {
+            endpoint_start: u32,
+            segment_start: u16,
+            segment_end: u16,
+            bdf_start: u16,
+            bdf_end: u16,
+            output_node: u16,
+        },
+        MmioEndpoint {
+            endpoint: u32,
+            base: u64,
+            output_node: u16,
+        },
+        VirtioPciIommu {
+            segment: u16,
+            bdf: u16,
+        },
+        VirtioMmioIommu {
+            base: u64,
+        },
+    }
+
+    /// Walks the VIOT as Linux's viot.c does (Node Count nodes from Node
+    /// Offset, each Length bytes long), checking that every node is in
+    /// bounds, 8-byte aligned, as long as its type says, with zero reserved
+    /// bytes, and that the nodes end the table. Returns (offset, node).
+    fn viot_nodes(viot: &Table) -> Vec<(usize, ViotNode)> {
+        let b = &viot.bytes;
+        assert_eq!(viot.signature(), b"VIOT");
+        assert_eq!(viot.revision(), 0);
+        assert!(b.len() >= 48, "VIOT header is {} bytes", b.len());
+        let count = u16_at(b, 36);
+        let mut off = usize::from(u16_at(b, 38));
+        assert_eq!(&b[40..48], &[0; 8], "header reserved bytes");
+        assert!(off >= 48, "first node at {off} overlaps the header");
+        let mut nodes = Vec::new();
+        for _ in 0..count {
+            assert!(off + 4 <= b.len(), "node header at {off} past the end");
+            assert_eq!(off % 8, 0, "node at {off} is not 8-byte aligned");
+            let (kind, len) = (b[off], usize::from(u16_at(b, off + 2)));
+            assert_eq!(b[off + 1], 0, "reserved byte of node at {off}");
+            assert!(off + len <= b.len(), "node at {off} ({len} bytes) past the end");
+            let n = &b[off..off + len];
+            let reserved = |range: std::ops::Range<usize>| {
+                assert!(
+                    n[range.clone()].iter().all(|&x| x == 0),
+                    "reserved {range:?} of node at {off}"
+                );
+            };
+            let node = match kind {
+                1 => {
+                    assert_eq!(len, 24, "PCI range node length");
+                    reserved(18..24);
+                    ViotNode::PciRange {
+                        endpoint_start: u32_at(n, 4),
+                        segment_start: u16_at(n, 8),
+                        segment_end: u16_at(n, 10),
+                        bdf_start: u16_at(n, 12),
+                        bdf_end: u16_at(n, 14),
+                        output_node: u16_at(n, 16),
+                    }
+                }
+                2 => {
+                    assert_eq!(len, 24, "MMIO endpoint node length");
+                    reserved(18..24);
+                    ViotNode::MmioEndpoint {
+                        endpoint: u32_at(n, 4),
+                        base: u64_at(n, 8),
+                        output_node: u16_at(n, 16),
+                    }
+                }
+                3 => {
+                    assert_eq!(len, 16, "virtio-pci IOMMU node length");
+                    reserved(8..16);
+                    ViotNode::VirtioPciIommu {
+                        segment: u16_at(n, 4),
+                        bdf: u16_at(n, 6),
+                    }
+                }
+                4 => {
+                    assert_eq!(len, 16, "virtio-mmio IOMMU node length");
+                    reserved(4..8);
+                    ViotNode::VirtioMmioIommu { base: u64_at(n, 8) }
+                }
+                t => panic!("unknown VIOT node type {t} at {off}"),
+            };
+            nodes.push((off, node));
+            off += len;
+        }
+        assert_eq!(off, b.len(), "bytes after the last node");
+        nodes
+    }
+
+    /// The node at `offset`, which an Output Node field names.
+    fn viot_node_at(nodes: &[(usize, ViotNode)], offset: u16) -> ViotNode {
+        nodes
+            .iter()
+            .find(|(off, _)| *off == usize::from(offset))
+            .unwrap_or_else(|| panic!("no VIOT node at {offset}"))
+            .1
+    }
+
+    /// Turns the nodes back into the configuration that describes them,
+    /// checking that there is one IOMMU node and that every endpoint node's
+    /// Output Node is it.
+    fn viot_config(nodes: &[(usize, ViotNode)]) -> Viot {
+        let iommus: Vec<(usize, ViotIommu)> = nodes
+            .iter()
+            .filter_map(|(off, node)| match *node {
+                ViotNode::VirtioPciIommu { segment, bdf } => Some((*off, ViotIommu::Pci { segment, bdf })),
+                ViotNode::VirtioMmioIommu { base } => Some((*off, ViotIommu::Mmio { base })),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(iommus.len(), 1, "one virtio-iommu node");
+        let (iommu_at, iommu) = iommus[0];
+        let mut viot = Viot {
+            iommu,
+            pci_ranges: Vec::new(),
+            mmio_endpoints: Vec::new(),
+        };
+        for (_, node) in nodes {
+            match *node {
+                ViotNode::PciRange {
+                    endpoint_start,
+                    segment_start,
+                    segment_end,
+                    bdf_start,
+                    bdf_end,
+                    output_node,
+                } => {
+                    assert_eq!(usize::from(output_node), iommu_at, "PCI range output node");
+                    assert_eq!(segment_start, segment_end, "one segment per range");
+                    viot.pci_ranges.push(ViotPciRange {
+                        segment: segment_start,
+                        bdf_start,
+                        bdf_end,
+                        endpoint_start,
+                    });
+                }
+                ViotNode::MmioEndpoint {
+                    endpoint,
+                    base,
+                    output_node,
+                } => {
+                    assert_eq!(usize::from(output_node), iommu_at, "MMIO endpoint output node");
+                    viot.mmio_endpoints.push(ViotMmioEndpoint { base, endpoint });
+                }
+                _ => {}
+            }
+        }
+        viot
+    }
+
+    /// What Linux 6.1's viot_pci_dev_iommu_init finds for the PCI function
+    /// `segment:bdf`: (endpoint ID, IOMMU node). Linux keeps PCI ranges in a
+    /// list it adds to at the head, so the last matching node wins.
+    fn linux_pci_endpoint(nodes: &[(usize, ViotNode)], segment: u16, bdf: u16) -> Option<(u32, ViotNode)> {
+        nodes.iter().rev().find_map(|(_, node)| match *node {
+            ViotNode::PciRange {
+                endpoint_start,
+                segment_start,
+                segment_end,
+                bdf_start,
+                bdf_end,
+                output_node,
+            } if (segment_start..=segment_end).contains(&segment) && (bdf_start..=bdf_end).contains(&bdf) => {
+                let id = (u32::from(segment - segment_start) << 16)
+                    .wrapping_add(u32::from(bdf - bdf_start))
+                    .wrapping_add(endpoint_start);
+                Some((id, viot_node_at(nodes, output_node)))
+            }
+            _ => None,
+        })
+    }
+
+    /// What Linux 6.1's viot_mmio_dev_iommu_init finds for the platform
+    /// device whose first memory resource starts at `base`.
+    fn linux_mmio_endpoint(nodes: &[(usize, ViotNode)], base: u64) -> Option<(u32, ViotNode)> {
+        nodes.iter().rev().find_map(|(_, node)| match *node {
+            ViotNode::MmioEndpoint {
+                endpoint,
+                base: b,
+                output_node,
+            } if b == base => Some((endpoint, viot_node_at(nodes, output_node))),
+            _ => None,
+        })
     }
 
     // ---- A small AML reader for what build_dsdt emits. ----
@@ -952,7 +1526,13 @@ mod tests {
 
     #[test]
     fn every_checksum_sums_to_zero() {
-        for cfg in [platform(1), with_pci(platform(8)), platform(MAX_CPUS)] {
+        for cfg in [
+            platform(1),
+            with_pci(platform(8)),
+            platform(MAX_CPUS),
+            with_pci_iommu(platform(2)),
+            with_mmio_iommu(platform(2)),
+        ] {
             let (_, tables, _) = write_and_walk(&cfg);
             assert_eq!(sum(&tables.rsdp[..20]), 0, "RSDP checksum");
             assert_eq!(sum(&tables.rsdp), 0, "RSDP extended checksum");
@@ -983,16 +1563,35 @@ mod tests {
     }
 
     #[test]
-    fn xsdt_lists_fadt_madt_and_mcfg_only_with_pci() {
+    fn xsdt_lists_mcfg_only_with_pci_and_viot_only_with_an_iommu() {
         let (_, tables, _) = write_and_walk(&platform(1));
         assert_eq!(tables.signatures(), ["FACP", "APIC"]);
         let (_, tables, _) = write_and_walk(&with_pci(platform(1)));
         assert_eq!(tables.signatures(), ["FACP", "APIC", "MCFG"]);
+        let (_, tables, _) = write_and_walk(&with_pci_iommu(platform(1)));
+        assert_eq!(tables.signatures(), ["FACP", "APIC", "MCFG", "VIOT"]);
+        let mut cfg = platform(1);
+        cfg.viot = Some(Viot {
+            iommu: ViotIommu::Mmio { base: 0xD000_0000 },
+            pci_ranges: vec![],
+            mmio_endpoints: vec![ViotMmioEndpoint {
+                base: 0xD000_1000,
+                endpoint: 0,
+            }],
+        });
+        let (_, tables, _) = write_and_walk(&cfg);
+        assert_eq!(tables.signatures(), ["FACP", "APIC", "VIOT"]);
     }
 
     #[test]
     fn tables_are_aligned_disjoint_and_inside_the_area() {
-        let (_, tables, end) = write_and_walk(&with_pci(platform(8)));
+        for cfg in [with_pci(platform(8)), with_pci_iommu(platform(8))] {
+            tables_fit(&cfg);
+        }
+    }
+
+    fn tables_fit(cfg: &AcpiConfig) {
+        let (_, tables, end) = write_and_walk(cfg);
         let mut spans: Vec<(u64, u64)> = tables.all().iter().map(|t| (t.addr, t.end())).collect();
         spans.push((RSDP_ADDR, RSDP_ADDR + 36));
         spans.sort();
@@ -1257,6 +1856,267 @@ mod tests {
         assert!(matches!(err, Err(AcpiError::NotInGuestMemory { .. })), "{err:?}");
         let err = write_acpi_tables(&mem, GuestAddress(u64::MAX - 15), GuestAddress(u64::MAX), &platform(1));
         assert!(matches!(err, Err(AcpiError::NoSpace { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn viot_with_a_pci_iommu_decodes_to_its_configuration() {
+        let cfg = with_pci_iommu(platform(2));
+        let (_, tables, _) = write_and_walk(&cfg);
+        let viot = tables.get(b"VIOT");
+        let b = &viot.bytes;
+        assert_eq!(&b[10..16], b"VEIL  ", "OEM ID");
+        assert_eq!(u16_at(b, 36), 4, "node count: IOMMU, 2 PCI ranges, 1 MMIO endpoint");
+        assert_eq!(u16_at(b, 38), 48, "node offset");
+        assert_eq!(b.len(), 48 + 16 + 3 * 24);
+
+        let nodes = viot_nodes(viot);
+        let offsets: Vec<usize> = nodes.iter().map(|(off, _)| *off).collect();
+        assert_eq!(offsets, [48, 64, 88, 112]);
+        assert_eq!(
+            nodes[0].1,
+            ViotNode::VirtioPciIommu {
+                segment: 0,
+                bdf: 0x0008
+            }
+        );
+        assert_eq!(viot_config(&nodes), *cfg.viot.as_ref().unwrap());
+    }
+
+    #[test]
+    fn viot_with_an_mmio_iommu_decodes_to_its_configuration() {
+        let cfg = with_mmio_iommu(platform(2));
+        let (_, tables, _) = write_and_walk(&cfg);
+        let nodes = viot_nodes(tables.get(b"VIOT"));
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes[0], (48, ViotNode::VirtioMmioIommu { base: 0xD000_0000 }));
+        assert_eq!(viot_config(&nodes), *cfg.viot.as_ref().unwrap());
+    }
+
+    #[test]
+    fn a_pci_range_and_an_mmio_endpoint_both_lead_to_the_iommu() {
+        for cfg in [with_pci_iommu(platform(1)), with_mmio_iommu(platform(1))] {
+            let (_, tables, _) = write_and_walk(&cfg);
+            let nodes = viot_nodes(tables.get(b"VIOT"));
+            let iommu = nodes[0].1;
+            let pci_output = nodes.iter().find_map(|(_, n)| match n {
+                ViotNode::PciRange { output_node, .. } => Some(*output_node),
+                _ => None,
+            });
+            let mmio_output = nodes.iter().find_map(|(_, n)| match n {
+                ViotNode::MmioEndpoint { output_node, .. } => Some(*output_node),
+                _ => None,
+            });
+            assert_eq!(pci_output, Some(48));
+            assert_eq!(mmio_output, Some(48));
+            assert_eq!(nodes[0].0, 48, "the IOMMU node comes first");
+
+            let viot = cfg.viot.as_ref().unwrap();
+            // Linux's endpoint IDs agree with the configuration's and with
+            // ViotPciRange::endpoint_id, for every BDF of bus 0.
+            for bdf in 0..=0x00FFu16 {
+                let expected = viot.pci_ranges.iter().find_map(|r| r.endpoint_id(0, bdf));
+                let linux = linux_pci_endpoint(&nodes, 0, bdf);
+                assert_eq!(linux.map(|(id, _)| id), expected, "BDF {bdf:#06x}");
+                if let Some((_, node)) = linux {
+                    assert_eq!(node, iommu);
+                }
+            }
+            assert_eq!(linux_pci_endpoint(&nodes, 1, 0x0010), None, "another segment");
+            let ep = viot.mmio_endpoints[0];
+            assert_eq!(linux_mmio_endpoint(&nodes, ep.base), Some((ep.endpoint, iommu)));
+            assert_eq!(
+                linux_mmio_endpoint(&nodes, ep.base + 0x100),
+                None,
+                "only the exact base"
+            );
+        }
+        let nodes = {
+            let (_, tables, _) = write_and_walk(&with_pci_iommu(platform(1)));
+            viot_nodes(tables.get(b"VIOT"))
+        };
+        // 00:02.3 is the 4th BDF of the range starting at ID 0x100.
+        assert_eq!(linux_pci_endpoint(&nodes, 0, 0x0013).unwrap().0, 0x103);
+        assert_eq!(linux_pci_endpoint(&nodes, 0, 0x00FF).unwrap().0, 0xFF);
+        assert_eq!(
+            linux_pci_endpoint(&nodes, 0, 0x0008),
+            None,
+            "the IOMMU itself is in no range"
+        );
+    }
+
+    #[test]
+    fn endpoint_id_follows_the_linux_convention() {
+        let range = ViotPciRange {
+            segment: 2,
+            bdf_start: 0x0108,
+            bdf_end: 0x0117,
+            endpoint_start: 40,
+        };
+        assert_eq!(range.endpoint_id(2, 0x0108), Some(40));
+        assert_eq!(range.endpoint_id(2, 0x0117), Some(40 + 0xF));
+        assert_eq!(range.endpoint_id(2, 0x0107), None);
+        assert_eq!(range.endpoint_id(2, 0x0118), None);
+        assert_eq!(range.endpoint_id(0, 0x0108), None);
+        let top = ViotPciRange {
+            endpoint_start: u32::MAX,
+            ..range
+        };
+        assert_eq!(top.endpoint_id(2, 0x0108), Some(u32::MAX));
+        assert_eq!(top.endpoint_id(2, 0x0109), None, "overflow");
+    }
+
+    #[test]
+    fn a_viot_with_no_endpoints_has_only_the_iommu_node() {
+        let mut cfg = with_pci(platform(1));
+        cfg.viot = Some(Viot {
+            iommu: ViotIommu::Pci {
+                segment: 0,
+                bdf: 0x00F8,
+            },
+            pci_ranges: vec![],
+            mmio_endpoints: vec![],
+        });
+        let (_, tables, _) = write_and_walk(&cfg);
+        let viot = tables.get(b"VIOT");
+        assert_eq!(viot.bytes.len(), 64);
+        assert_eq!(
+            viot_nodes(viot),
+            [(
+                48,
+                ViotNode::VirtioPciIommu {
+                    segment: 0,
+                    bdf: 0x00F8
+                }
+            )]
+        );
+    }
+
+    /// One single-BDF PCI range per endpoint, on buses 0..=255.
+    fn many_pci_ranges(count: u32) -> AcpiConfig {
+        let mut cfg = with_pci(platform(1));
+        cfg.viot = Some(Viot {
+            iommu: ViotIommu::Pci { segment: 0, bdf: 0 },
+            pci_ranges: (1..=count)
+                .map(|bdf| ViotPciRange {
+                    segment: 0,
+                    bdf_start: bdf as u16,
+                    bdf_end: bdf as u16,
+                    endpoint_start: bdf,
+                })
+                .collect(),
+            mmio_endpoints: vec![],
+        });
+        cfg
+    }
+
+    #[test]
+    fn the_largest_viot_is_written_and_one_more_node_is_an_error() {
+        // 65535 nodes: about 1.5 MiB, so give the tables room.
+        let limit = 0x40_0000;
+        let mem = memory(limit as usize);
+        let cfg = many_pci_ranges(VIOT_MAX_NODES as u32 - 1);
+        write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(limit), &cfg).unwrap();
+        let tables = Tables::walk(&mem, RSDP_ADDR);
+        let viot = tables.get(b"VIOT");
+        assert_eq!(sum(&viot.bytes), 0);
+        let nodes = viot_nodes(viot);
+        assert_eq!(nodes.len(), VIOT_MAX_NODES);
+        assert_eq!(viot_config(&nodes), *cfg.viot.as_ref().unwrap());
+
+        let cfg = many_pci_ranges(VIOT_MAX_NODES as u32);
+        let err = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(limit), &cfg).unwrap_err();
+        assert!(
+            matches!(&err, AcpiError::Config(msg) if msg.contains("node count")),
+            "{err}"
+        );
+
+        // In veil's 128 KiB ACPI area, the largest VIOT is only a lack of space.
+        let cfg = many_pci_ranges(VIOT_MAX_NODES as u32 - 1);
+        let err = write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), &cfg).unwrap_err();
+        assert!(matches!(err, AcpiError::NoSpace { .. }), "{err}");
+    }
+
+    #[test]
+    fn invalid_viot_configurations_are_rejected_with_a_reason() {
+        let mem = memory(LIMIT as usize);
+        let check = |cfg: &AcpiConfig, why: &str| {
+            match write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), cfg) {
+                Err(AcpiError::Config(msg)) => {
+                    assert!(msg.starts_with("VIOT: "), "{msg}");
+                    assert!(msg.contains(why), "expected {why:?} in {msg:?}");
+                }
+                other => panic!("expected a VIOT error about {why:?}, got {other:?}"),
+            }
+            assert!(read(&mem, RSDP_ADDR, 0x1000).iter().all(|&b| b == 0), "memory written");
+        };
+        type Break = fn(&mut AcpiConfig, &mut Viot);
+        let cases: [(Break, &str); 15] = [
+            (|_, v| v.pci_ranges[0].bdf_start = 0x0018, "is above bdf_end"),
+            (|c, _| c.pci_ecam = None, "there is no PCI"),
+            (
+                |_, v| v.iommu = ViotIommu::Pci { segment: 1, bdf: 8 },
+                "the only segment is 0",
+            ),
+            (|_, v| v.pci_ranges[1].segment = 3, "the only segment is 0"),
+            (
+                |c, _| c.pci_ecam.as_mut().unwrap().bus_start = 1,
+                "outside the host bridge's buses 1..=255",
+            ),
+            (
+                |c, v| {
+                    c.pci_ecam.as_mut().unwrap().bus_end = 0;
+                    v.pci_ranges[1].bdf_end = 0x0100;
+                },
+                "reaches past the host bridge's buses",
+            ),
+            (|_, v| v.pci_ranges[1].bdf_start = 0x0017, "overlap"),
+            (|_, v| v.pci_ranges[0].endpoint_start = u32::MAX - 6, "overflow 32 bits"),
+            (|_, v| v.pci_ranges[0].endpoint_start = 0xF8, "share endpoint ID 0xf8"),
+            (|_, v| v.mmio_endpoints[0].endpoint = 0x107, "share endpoint ID 0x107"),
+            (
+                |_, v| v.mmio_endpoints[0].base = 0xD000_2000,
+                "not the base of a virtio-mmio device",
+            ),
+            (
+                |_, v| v.iommu = ViotIommu::Mmio { base: 0xD000_0800 },
+                "not the base of a virtio-mmio device",
+            ),
+            (
+                |_, v| v.iommu = ViotIommu::Mmio { base: 0xD000_1000 },
+                "is the virtio-iommu itself",
+            ),
+            (
+                |_, v| {
+                    v.mmio_endpoints.push(ViotMmioEndpoint {
+                        base: 0xD000_1000,
+                        endpoint: 5,
+                    })
+                },
+                "are the same device",
+            ),
+            (
+                |_, v| {
+                    v.mmio_endpoints = vec![
+                        ViotMmioEndpoint {
+                            base: 0xD000_1000,
+                            endpoint: 0,
+                        };
+                        VIOT_MAX_NODES - 2
+                    ]
+                },
+                "the node count is 16 bits",
+            ),
+        ];
+        for (break_it, why) in cases {
+            let mut cfg = with_pci_iommu(platform(1));
+            let mut viot = cfg.viot.take().unwrap();
+            break_it(&mut cfg, &mut viot);
+            cfg.viot = Some(viot);
+            check(&cfg, why);
+        }
+        // The same configuration, unbroken, is fine.
+        let cfg = with_pci_iommu(platform(1));
+        assert!(write_acpi_tables(&mem, GuestAddress(RSDP_ADDR), GuestAddress(LIMIT), &cfg).is_ok());
     }
 
     #[test]
