@@ -267,6 +267,7 @@ impl Vm {
             serial: Some((COM1_PORT, COM1_IRQ)),
             virtio_mmio: device_manager.acpi_mmio.clone(),
             pci_ecam: device_manager.pci_ecam(),
+            viot: None,
         };
         veil_arch::acpi::write_acpi_tables(
             mem,
