@@ -82,21 +82,21 @@ fn assert_booted(out: &Output) {
 }
 
 #[test]
-fn vmlinux_boots_to_userspace_and_powers_off() {
+fn linux_vmlinux_boots_to_userspace_and_powers_off() {
     if linux_dir().is_some() {
         assert_booted(&boot("vmlinux", 1, "quiet"));
     }
 }
 
 #[test]
-fn bzimage_boots_to_userspace_and_powers_off() {
+fn linux_bzimage_boots_to_userspace_and_powers_off() {
     if linux_dir().is_some() {
         assert_booted(&boot("bzImage", 1, "quiet"));
     }
 }
 
 #[test]
-fn two_vcpus_boot_through_the_wakeup_mailbox() {
+fn linux_two_vcpus_boot_through_the_wakeup_mailbox() {
     if linux_dir().is_none() {
         return;
     }
