@@ -130,7 +130,12 @@ impl Vcpu {
         }
         // Where each vCPU was when the VM stopped: the first clue when a
         // guest hangs or times out.
-        log::info!("vCPU {} stopped at RIP {}", self.id, rip(&self.fd));
+        // Stopped by the timeout (no stop reason): say where it was, loudly.
+        if shared.stop.reason().is_none() {
+            log::warn!("vCPU {} was at RIP {} when the VM was stopped", self.id, rip(&self.fd));
+        } else {
+            log::info!("vCPU {} stopped at RIP {}", self.id, rip(&self.fd));
+        }
         let cpu_ns = std::fs::read_to_string("/proc/thread-self/schedstat")
             .ok()
             .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
