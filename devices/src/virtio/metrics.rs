@@ -51,6 +51,21 @@ counters! {
     features_refused,
     /// Times the device set DEVICE_NEEDS_RESET.
     needs_reset,
+    /// virtio-iommu: ATTACH requests.
+    iommu_attaches,
+    /// virtio-iommu: DETACH requests.
+    iommu_detaches,
+    /// virtio-iommu: MAP requests.
+    iommu_maps,
+    /// virtio-iommu: UNMAP requests.
+    iommu_unmaps,
+    /// virtio-iommu: requests answered with a status other than OK.
+    iommu_refused,
+    /// virtio-iommu: failed translations of its endpoints' accesses.
+    iommu_faults,
+    /// virtio-iommu: faults never reported to the driver (the queue of
+    /// pending reports was full, or an event buffer could not be written).
+    iommu_faults_dropped,
 }
 
 impl DeviceMetrics {

@@ -10,6 +10,7 @@
 
 pub mod block;
 pub mod console;
+pub mod iommu;
 pub mod metrics;
 pub mod mmio;
 pub mod net;
