@@ -17,7 +17,7 @@ const CMDLINE: &str =
 /// the native paths (IPIs through the LAPIC, no PV spinlock kicks).
 const CPUID_HIDE: &str = "kvm_pv_unhalt,kvm_pv_send_ipi,kvm_pv_sched_yield";
 const MARKER: &str = "VEIL-LINUX-UP";
-const LIMIT: Duration = Duration::from_secs(300);
+const LIMIT: Duration = Duration::from_secs(480);
 
 /// The built kernel, or None (after saying why) where it may be skipped.
 fn linux_dir() -> Option<PathBuf> {
@@ -57,7 +57,7 @@ fn boot(kernel: &str, cpus: u32, extra_cmdline: &str) -> Output {
             "--cpus",
             &cpus,
             "--timeout",
-            "240",
+            "420",
             "--cpuid-hide",
             CPUID_HIDE,
         ],
@@ -163,7 +163,7 @@ fn boot_virtio_in_netns(transport: &str) -> Option<Output> {
                 "--memory",
                 "256M",
                 "--timeout",
-                "240",
+                "420",
                 "--cpuid-hide",
                 CPUID_HIDE,
             ])
