@@ -126,32 +126,11 @@ fn ext4_image(name: &str) -> PathBuf {
 /// `vtap0` at 10.0.2.1/24; the guest pings it from 10.0.2.15.
 fn boot_virtio_in_netns(transport: &str) -> Option<Output> {
     let dir = linux_dir()?;
-    let ns = format!("veil-test-{}-{transport}", std::process::id());
-    let ip = |args: &[&str]| {
-        std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    if !ip(&["netns", "add", &ns]) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root and must be able to create network namespaces"
-        );
-        eprintln!("SKIPPED: cannot create a network namespace (not root?)");
-        return None;
-    }
-    let ok = ip(&["-n", &ns, "tuntap", "add", "dev", "vtap0", "mode", "tap"])
-        && ip(&["-n", &ns, "addr", "add", "10.0.2.1/24", "dev", "vtap0"])
-        && ip(&["-n", &ns, "link", "set", "vtap0", "up"]);
-    assert!(ok, "cannot set up vtap0 in {ns}");
+    let ns = TapNamespace::create(&format!("linux-{transport}"))?;
     let image = ext4_image(&format!("linux-{transport}"));
     let cmdline = format!("{CMDLINE} quiet veil.test=virtio");
     let out = run_command(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(veil_bin())
+        ns.veil()
             .arg("run")
             .arg("--kernel")
             .arg(dir.join("vmlinux"))
@@ -175,7 +154,6 @@ fn boot_virtio_in_netns(transport: &str) -> Option<Output> {
             .args(["--rng", &format!("transport={transport}")]),
         LIMIT,
     );
-    ip(&["netns", "del", &ns]);
     eprintln!(
         "Linux virtio over {transport}: {:.1} s, exit {:?}",
         out.elapsed.as_secs_f64(),

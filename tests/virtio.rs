@@ -178,61 +178,28 @@ fn the_guest_exchanges_frames_with_the_host_over_a_tap() {
     if !kvm_available() {
         return;
     }
-    let ip = |args: &[&str]| {
-        Command::new("ip")
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-    };
-    let ns = format!("veil-virtio-{}", std::process::id());
-    if ip(&["netns", "add", &ns]).is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root and must be able to create network namespaces"
-        );
-        eprintln!("SKIPPED: cannot create a network namespace (not root?)");
+    let Some(ns) = TapNamespace::create("virtio") else {
         return;
-    }
-    let ok = ip(&["-n", &ns, "tuntap", "add", "dev", "vtap0", "mode", "tap"]).is_some()
-        && ip(&["-n", &ns, "addr", "add", "10.0.2.1/24", "dev", "vtap0"]).is_some()
-        && ip(&["-n", &ns, "link", "set", "vtap0", "up"]).is_some();
-    let tap_mac = ip(&["-n", &ns, "-o", "link", "show", "vtap0"])
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .skip_while(|w| *w != "link/ether")
-                .nth(1)
-                .unwrap_or("")
-                .to_string()
-        })
-        .unwrap_or_default();
-    let mut outs = Vec::new();
-    if ok {
-        for transport in ["mmio", "pci"] {
-            let net = format!("tap=vtap0,transport={transport}");
-            outs.push(run_command(
-                Command::new("ip").args(["netns", "exec", &ns]).arg(veil_bin()).args([
-                    "run",
-                    "--memory",
-                    "64M",
-                    "--timeout",
-                    "60",
-                    "--net",
-                    &net,
-                    "--cmdline",
-                    "probe.net_peer=10.0.2.1 probe.net_ip=10.0.2.15",
-                ]),
-                LIMIT,
-            ));
-        }
-    }
-    ip(&["netns", "del", &ns]);
-    assert!(ok && tap_mac.len() == 17, "cannot set up vtap0 (mac '{tap_mac}')");
-    for out in outs {
+    };
+    for transport in ["mmio", "pci"] {
+        let net = format!("tap=vtap0,transport={transport}");
+        let out = run_command(
+            ns.veil().args([
+                "run",
+                "--memory",
+                "64M",
+                "--timeout",
+                "60",
+                "--net",
+                &net,
+                "--cmdline",
+                "probe.net_peer=10.0.2.1 probe.net_ip=10.0.2.15",
+            ]),
+            LIMIT,
+        );
         assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
         let line = device_line(&out.stdout, "net0");
         assert!(line.contains("peer=arp") && line.ends_with("result=ok"), "{line}");
-        assert!(line.contains(&format!("peer_mac={tap_mac}")), "{line} vs {tap_mac}");
+        assert!(line.contains(&format!("peer_mac={}", ns.mac)), "{line} vs {}", ns.mac);
     }
 }

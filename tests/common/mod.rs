@@ -135,3 +135,68 @@ pub fn write_guest(name: &str, code: &[u8]) -> PathBuf {
     std::fs::write(&path, tiny_elf(code)).unwrap();
     path
 }
+
+/// A network namespace of the test's own holding a TAP device `vtap0` at
+/// 10.0.2.1/24, deleted on drop. None (after saying why) where namespaces
+/// cannot be made; CI runs as root and must be able to.
+pub struct TapNamespace {
+    pub name: String,
+    /// The TAP's MAC address, as `ip link` prints it.
+    pub mac: String,
+}
+
+fn ip(args: &[&str]) -> Option<std::process::Output> {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+}
+
+impl TapNamespace {
+    pub fn create(tag: &str) -> Option<TapNamespace> {
+        let name = format!("veil-{tag}-{}", std::process::id());
+        if ip(&["netns", "add", &name]).is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root and must be able to create network namespaces"
+            );
+            eprintln!("SKIPPED: cannot create a network namespace (not root?)");
+            return None;
+        }
+        // From here on, dropping `ns` deletes the namespace again.
+        let mut ns = TapNamespace {
+            name: name.clone(),
+            mac: String::new(),
+        };
+        let n = name.as_str();
+        let ok = ip(&["-n", n, "tuntap", "add", "dev", "vtap0", "mode", "tap"]).is_some()
+            && ip(&["-n", n, "addr", "add", "10.0.2.1/24", "dev", "vtap0"]).is_some()
+            && ip(&["-n", n, "link", "set", "vtap0", "up"]).is_some();
+        assert!(ok, "cannot set up vtap0 in {n}");
+        let link =
+            ip(&["-n", n, "-o", "link", "show", "vtap0"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        ns.mac = link
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
+        assert_eq!(ns.mac.len(), 17, "no MAC for vtap0");
+        Some(ns)
+    }
+
+    /// `veil` run inside the namespace.
+    pub fn veil(&self) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(veil_bin());
+        cmd
+    }
+}
+
+impl Drop for TapNamespace {
+    fn drop(&mut self) {
+        ip(&["netns", "del", &self.name]);
+    }
+}
