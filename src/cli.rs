@@ -1,6 +1,6 @@
 //! The command line: `veil run` and `veil bench`.
 
-use crate::config::{ConfigFile, Overrides};
+use crate::config::{ConfigFile, SizeValue};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -95,17 +95,19 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// Settings from the config file (if any), and the flags that override them.
-    pub fn sources(&self) -> Result<(ConfigFile, Overrides), String> {
+    /// Settings from the config file (if any), and the flags that override
+    /// them, in the same form.
+    pub fn sources(&self) -> Result<(ConfigFile, ConfigFile), String> {
         let file = match &self.config {
             Some(path) => ConfigFile::load(path)?,
             None => ConfigFile::default(),
         };
-        let flags = Overrides {
+        let flags = ConfigFile {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
-            memory: self.memory.clone(),
+            memory: self.memory.clone().map(SizeValue::Text),
+            log_level: None,
             cpus: self.cpus,
             serial: self.serial.clone(),
             timeout: self.timeout,

@@ -131,24 +131,6 @@ impl ConfigFile {
     }
 }
 
-/// Settings from the command line; each overrides the config file.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: Option<String>,
-    pub memory: Option<String>,
-    pub cpus: Option<u64>,
-    pub serial: Option<String>,
-    pub timeout: Option<f64>,
-    pub cpuid_hide: Option<Vec<String>>,
-    pub dma: Option<String>,
-    pub disk: Option<Vec<String>>,
-    pub net: Option<Vec<String>>,
-    pub rng: Option<Vec<String>>,
-    pub console: Option<Vec<String>>,
-}
-
 /// Device lists from the flags replace those of the file, kind by kind.
 fn device_specs(flags: Option<Vec<String>>, file: Option<Vec<String>>) -> Vec<String> {
     flags.or(file).unwrap_or_default()
@@ -169,12 +151,12 @@ fn check_timeout(t: f64) -> Result<f64, String> {
     }
 }
 
-/// Merges the file (if any) with the flags and applies defaults.
-pub fn resolve(file: ConfigFile, flags: Overrides) -> Result<VmConfig, String> {
-    let memory = match (flags.memory, file.memory) {
-        (Some(s), _) => parse_size(&s)?,
-        (None, Some(v)) => v.bytes()?,
-        (None, None) => VmConfig::DEFAULT_MEMORY,
+/// Merges the file (if any) with the flags, given in the same form: a
+/// setting from the flags wins. Then applies the defaults.
+pub fn resolve(file: ConfigFile, flags: ConfigFile) -> Result<VmConfig, String> {
+    let memory = match flags.memory.or(file.memory) {
+        Some(v) => v.bytes()?,
+        None => VmConfig::DEFAULT_MEMORY,
     };
     let serial = match flags.serial.or(file.serial) {
         Some(s) => s.parse()?,
@@ -241,36 +223,36 @@ mod tests {
     #[test]
     fn flags_override_file_and_defaults_apply() {
         let file: ConfigFile = serde_json::from_str(r#"{"memory": "1G", "cpus": 2, "cmdline": "a"}"#).unwrap();
-        let flags = Overrides {
+        let flags = ConfigFile {
             cpus: Some(4),
             ..Default::default()
         };
         let c = resolve(file, flags).unwrap();
         assert_eq!((c.memory, c.cpus, c.cmdline.as_deref()), (1 << 30, 4, Some("a")));
         assert_eq!(c.serial, SerialOutput::Stdout);
-        let d = resolve(ConfigFile::default(), Overrides::default()).unwrap();
+        let d = resolve(ConfigFile::default(), ConfigFile::default()).unwrap();
         assert_eq!((d.memory, d.cpus, d.kernel), (VmConfig::DEFAULT_MEMORY, 1, None));
     }
 
     #[test]
     fn bad_values_are_errors() {
-        let bad_cpus = Overrides {
+        let bad_cpus = ConfigFile {
             cpus: Some(0),
             ..Default::default()
         };
         assert!(resolve(ConfigFile::default(), bad_cpus).unwrap_err().contains("--cpus"));
-        let many = Overrides {
+        let many = ConfigFile {
             cpus: Some(300),
             ..Default::default()
         };
         assert!(resolve(ConfigFile::default(), many).is_err());
-        let t = Overrides {
+        let t = ConfigFile {
             timeout: Some(-1.0),
             ..Default::default()
         };
         assert!(resolve(ConfigFile::default(), t).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"memroy": "1G"}"#).is_err());
         let bytes: ConfigFile = serde_json::from_str(r#"{"memory": 67108864}"#).unwrap();
-        assert_eq!(resolve(bytes, Overrides::default()).unwrap().memory, 64 << 20);
+        assert_eq!(resolve(bytes, ConfigFile::default()).unwrap().memory, 64 << 20);
     }
 }
