@@ -26,6 +26,19 @@ pub fn exit(status: u32) -> ! {
 
 /// One output line, built in a buffer and written with `emit`. Anything
 /// beyond the buffer is cut.
+/// `v` in base `radix` (10 or 16, lower-case), written into `buf`.
+pub fn digits(mut v: u64, radix: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut n = buf.len();
+    loop {
+        n -= 1;
+        buf[n] = b"0123456789abcdef"[(v % radix) as usize];
+        v /= radix;
+        if v == 0 {
+            return &buf[n..];
+        }
+    }
+}
+
 pub struct Line {
     buf: [u8; 200],
     len: usize,
@@ -66,38 +79,16 @@ impl Line {
     pub fn hex(mut self, key: &str, v: u64) -> Self {
         self.key(key);
         self.put(b"0x");
-        let mut digits = [0u8; 16];
-        let mut n = 0;
-        let mut v = v;
-        loop {
-            digits[n] = b"0123456789abcdef"[(v & 0xF) as usize];
-            n += 1;
-            v >>= 4;
-            if v == 0 {
-                break;
-            }
-        }
-        digits[..n].reverse();
-        self.put(&digits[..n]);
+        let mut buf = [0u8; 20];
+        self.put(digits(v, 16, &mut buf));
         self
     }
 
     /// ` key=<decimal>`
     pub fn dec(mut self, key: &str, v: u64) -> Self {
         self.key(key);
-        let mut digits = [0u8; 20];
-        let mut n = 0;
-        let mut v = v;
-        loop {
-            digits[n] = b'0' + (v % 10) as u8;
-            n += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        digits[..n].reverse();
-        self.put(&digits[..n]);
+        let mut buf = [0u8; 20];
+        self.put(digits(v, 10, &mut buf));
         self
     }
 

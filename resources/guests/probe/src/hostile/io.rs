@@ -113,35 +113,13 @@ impl Text {
     }
 
     pub fn dec(&mut self, v: u64) -> &mut Self {
-        let mut digits = [0u8; 20];
-        let mut n = 0;
-        let mut v = v;
-        loop {
-            digits[n] = b'0' + (v % 10) as u8;
-            n += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        digits[..n].reverse();
-        self.push_bytes(&digits[..n])
+        let mut buf = [0u8; 20];
+        self.push_bytes(crate::serial::digits(v, 10, &mut buf))
     }
 
     pub fn hex(&mut self, v: u64) -> &mut Self {
-        let mut digits = [0u8; 16];
-        let mut n = 0;
-        let mut v = v;
-        loop {
-            digits[n] = b"0123456789abcdef"[(v & 0xF) as usize];
-            n += 1;
-            v >>= 4;
-            if v == 0 {
-                break;
-            }
-        }
-        digits[..n].reverse();
-        self.push("0x").push_bytes(&digits[..n])
+        let mut buf = [0u8; 20];
+        self.push("0x").push_bytes(crate::serial::digits(v, 16, &mut buf))
     }
 
     pub fn as_bytes(&self) -> &[u8] {

@@ -80,11 +80,14 @@ impl Name {
 
     /// ` dev=<kind><n> transport=<bus>` added to `line`.
     pub fn tag(&self, line: Line) -> Line {
-        let mut name = [0u8; 16];
+        let mut name = [0u8; 32];
         let k = self.kind.len();
         name[..k].copy_from_slice(self.kind.as_bytes());
-        let n = dec(self.index as u64, &mut name[k..]);
-        line.text("dev", &name[..k + n]).text("transport", self.bus.as_bytes())
+        let mut buf = [0u8; 20];
+        let index = crate::serial::digits(self.index as u64, 10, &mut buf);
+        name[k..k + index.len()].copy_from_slice(index);
+        line.text("dev", &name[..k + index.len()])
+            .text("transport", self.bus.as_bytes())
     }
 }
 
@@ -128,25 +131,6 @@ pub fn annotate(line: Line, stats: &Stats) -> Line {
         line = line.word("quirk=ready_stuck");
     }
     line
-}
-
-/// `v` in decimal into `out`; returns the digits written.
-fn dec(v: u64, out: &mut [u8]) -> usize {
-    let mut digits = [0u8; 20];
-    let (mut n, mut v) = (0, v);
-    loop {
-        digits[n] = b'0' + (v % 10) as u8;
-        n += 1;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    let n = n.min(out.len());
-    for i in 0..n {
-        out[i] = digits[n - 1 - i];
-    }
-    n
 }
 
 fn kind_name(t: DeviceType) -> &'static str {

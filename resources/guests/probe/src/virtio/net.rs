@@ -322,14 +322,12 @@ fn exchange_with_peer(dev: Device, ip: [u8; 4], peer: [u8; 4]) -> bool {
     line = annotate(line.dec("notifies", stats.notifies.get()), &stats);
     match result {
         Ok((mac, _)) => {
-            let mut text = [0u8; 17];
-            for (k, b) in mac.iter().enumerate() {
-                let hex = b"0123456789abcdef";
-                text[k * 3] = hex[usize::from(b >> 4)];
-                text[k * 3 + 1] = hex[usize::from(b & 15)];
-                if k < 5 {
-                    text[k * 3 + 2] = b':';
-                }
+            let mut text = [b':'; 17];
+            for (k, &b) in mac.iter().enumerate() {
+                let mut buf = [0u8; 20];
+                let hex = crate::serial::digits(u64::from(b) | 0x100, 16, &mut buf);
+                // The 0x100 keeps a leading zero; drop its own digit.
+                text[k * 3..k * 3 + 2].copy_from_slice(&hex[1..]);
             }
             line.text("peer_mac", &text).word("result=ok").emit();
             true
