@@ -18,12 +18,8 @@ struct BootSample {
     exits: u64,
 }
 
-fn unix_ns() -> u64 {
-    crate::vmm::unix_ns()
-}
-
 fn boot_once(veil: &Path, args: &[String], marker: Option<&str>, metrics: &Path) -> Result<BootSample, String> {
-    let spawned_ns = unix_ns();
+    let spawned_ns = crate::vmm::unix_ns();
     let spawned = Instant::now();
     let mut child = Command::new(veil)
         .arg("run")
@@ -92,6 +88,14 @@ fn series(veil: &Path, runs: u32, args: &[String], marker: Option<&str>) -> Resu
     samples
 }
 
+/// veil's own executable, which every benchmark runs as `veil run`.
+pub fn veil_exe() -> Result<PathBuf, ExitCode> {
+    std::env::current_exe().map_err(|e| {
+        eprintln!("veil: error: cannot find veil's own executable: {e}");
+        ExitCode::from(69)
+    })
+}
+
 pub fn boot(what: &BootBenchArgs) -> ExitCode {
     let BootBenchArgs {
         runs,
@@ -102,12 +106,9 @@ pub fn boot(what: &BootBenchArgs) -> ExitCode {
         marker,
         linux_runs,
     } = what.clone();
-    let veil = match std::env::current_exe() {
+    let veil = match veil_exe() {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("veil: error: cannot find veil's own executable: {e}");
-            return ExitCode::from(69);
-        }
+        Err(code) => return code,
     };
     let probe_args: Vec<String> = ["--memory", "256M", "--serial", "stdout", "--timeout", "60"]
         .map(String::from)

@@ -224,12 +224,9 @@ pub fn print_table(results: &[CaseResult]) {
 }
 
 pub fn run(kind: Kind, args: &DeviceBenchArgs) -> ExitCode {
-    let veil = match std::env::current_exe() {
+    let veil = match crate::bench::veil_exe() {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("veil: error: cannot find veil's own executable: {e}");
-            return ExitCode::from(69);
-        }
+        Err(code) => return code,
     };
     let mut all = Vec::new();
     for transport in &args.transport {

@@ -522,11 +522,7 @@ fn thread_cpu_ns() -> std::collections::BTreeMap<String, u64> {
             .unwrap_or_default()
             .trim()
             .to_string();
-        let ns = std::fs::read_to_string(dir.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-            .unwrap_or(0);
-        *out.entry(name).or_insert(0) += ns;
+        *out.entry(name).or_insert(0) += vcpu::schedstat_ns(&dir.join("schedstat"));
     }
     out
 }

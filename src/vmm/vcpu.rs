@@ -55,6 +55,15 @@ pub fn unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// CPU time (ns) a thread has run, from the first field of its
+/// /proc/.../schedstat; 0 if it cannot be read.
+pub fn schedstat_ns(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
 /// How a vCPU begins running.
 pub enum Start {
     /// The boot CPU: already in its entry state.
@@ -136,10 +145,7 @@ impl Vcpu {
         } else {
             log::info!("vCPU {} stopped at RIP {}", self.id, rip(&self.fd));
         }
-        let cpu_ns = std::fs::read_to_string("/proc/thread-self/schedstat")
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-            .unwrap_or(0);
+        let cpu_ns = schedstat_ns(std::path::Path::new("/proc/thread-self/schedstat"));
         shared
             .vcpu_cpu_ns
             .lock()
