@@ -30,6 +30,10 @@
 //! write lock to change translations, so once it has answered a request
 //! (an UNMAP, say) no access can still use what that request removed.
 
+mod shared;
+
+pub use shared::{HostProtection, PageCounts, ShareError, SharedPages, PAGE_SIZE};
+
 use std::collections::VecDeque;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -229,6 +233,12 @@ struct EndpointState {
     tlb: RwLock<EndpointTlb>,
     binding: OnceLock<Binding>,
     faults: AtomicU64,
+    /// Checked after translation, under the `tlb` read lock.
+    gate: Option<Arc<SharedPages>>,
+    /// Accesses the gate refused (private pages).
+    private_denied: AtomicU64,
+    /// Who is translated here, for the logs.
+    owner: String,
 }
 
 /// The per-endpoint half of an IOMMU: translations a device may use when
@@ -240,8 +250,46 @@ pub struct DmaTranslation {
 }
 
 impl DmaTranslation {
+    /// An endpoint with no gate: every page it translates to is reachable.
     pub fn new() -> DmaTranslation {
         DmaTranslation::default()
+    }
+
+    fn gated(gate: &Arc<SharedPages>, owner: &str, identity: bool) -> DmaTranslation {
+        let mut tlb = EndpointTlb::default();
+        if identity {
+            tlb.identity();
+        }
+        let state = Arc::new(EndpointState {
+            tlb: RwLock::new(tlb),
+            gate: Some(gate.clone()),
+            owner: owner.to_string(),
+            ..Default::default()
+        });
+        gate.register(Arc::downgrade(&state));
+        DmaTranslation { state }
+    }
+
+    /// Guest-physical addresses as they are (IOMMU-bypass, or
+    /// ACCESS_PLATFORM without a vIOMMU), limited to what `gate` allows.
+    pub fn identity(gate: &Arc<SharedPages>, owner: &str) -> DmaTranslation {
+        DmaTranslation::gated(gate, owner, true)
+    }
+
+    /// A vIOMMU endpoint whose translations land only on pages `gate`
+    /// allows.
+    pub fn gated_endpoint(gate: &Arc<SharedPages>, owner: &str) -> DmaTranslation {
+        DmaTranslation::gated(gate, owner, false)
+    }
+
+    /// Accesses refused because they reached private pages.
+    pub fn private_denied(&self) -> u64 {
+        self.state.private_denied.load(Ordering::Relaxed)
+    }
+
+    #[cfg(test)]
+    fn begin_access_for_test(&self) -> RwLockReadGuard<'_, EndpointTlb> {
+        self.state.tlb.read().unwrap()
     }
 
     /// The endpoint ID a vIOMMU gave it, if one did.
@@ -307,6 +355,26 @@ impl DmaTranslation {
             .invalidate_mapping(GuestAddress(iova), span(iova, last));
     }
 
+    /// Counts and logs an access to a private page; returns the error for
+    /// the device.
+    fn private(&self, iova: u64, length: usize, gpa: u64) -> IommuError {
+        let n = self.state.private_denied.fetch_add(1, Ordering::Relaxed) + 1;
+        // The first few, then one in a thousand: a guest cannot flood the log.
+        if n <= 8 || n % 1000 == 0 {
+            log::warn!(
+                "{}: access to private page at guest-physical {gpa:#x} refused ({n} so far)",
+                self.state.owner
+            );
+        }
+        IommuError::CannotResolve {
+            iova_range: IovaRange {
+                base: GuestAddress(iova),
+                length,
+            },
+            reason: format!("private page at {gpa:#x}"),
+        }
+    }
+
     /// Counts and records a failed translation; returns the error for the
     /// device.
     fn fault(&self, iova: u64, length: usize, access: Permissions, reason: FaultReason, at: u64) -> IommuError {
@@ -345,6 +413,17 @@ impl Iommu for DmaTranslation {
         }
         let guard = self.state.tlb.read().unwrap_or_else(PoisonError::into_inner);
         let attached = guard.attached;
+        if let Some(gate) = self.state.gate.as_deref().filter(|g| g.is_secure()) {
+            // Where the range lands, checked before anything is handed out;
+            // a lookup failure is reported by the lookup below.
+            if let Ok(ranges) = Iotlb::lookup(&guard.iotlb, iova, length, access) {
+                for r in ranges {
+                    if !gate.allows(r.base.0, r.length as u64) {
+                        return Err(self.private(iova.0, length, r.base.0));
+                    }
+                }
+            }
+        }
         Iotlb::lookup(IotlbReadGuard(guard), iova, length, access).map_err(|fails| {
             let (reason, at) = if !attached {
                 (FaultReason::Domain, iova.0)
@@ -509,6 +588,48 @@ mod tests {
         t.remove_range(0x1000, 0x1fff);
         assert!(view.read_obj::<u8>(GuestAddress(0x1000)).is_err());
         assert!(view.read_obj::<u8>(GuestAddress(0x2000)).is_ok());
+    }
+
+    #[test]
+    fn the_gate_applies_after_translation_in_both_views() {
+        struct Nothing;
+        impl HostProtection for Nothing {
+            fn set_accessible(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mem = host();
+        let gate = Arc::new(SharedPages::new(&[(0, 0x10000)]));
+        let direct = translated_view(mem.clone(), Arc::new(DmaTranslation::identity(&gate, "blk0")));
+        let t = Arc::new(DmaTranslation::gated_endpoint(&gate, "net0"));
+        let translated = translated_view(mem.clone(), t.clone());
+        // IOVA 0x10_0000.. -> 0x3000..0x5000: one page shared, one private.
+        t.show_domain(false, [map(0x10_0000, 0x2000, 0x3000, Permissions::ReadWrite)].iter());
+        mem.write_obj(0x5a_u8, GuestAddress(0x4000)).unwrap();
+        assert_eq!(
+            direct.read_obj::<u8>(GuestAddress(0x4000)).unwrap(),
+            0x5a,
+            "ordinary VM"
+        );
+        assert_eq!(translated.read_obj::<u8>(GuestAddress(0x10_1000)).unwrap(), 0x5a);
+
+        gate.enter_secure(0x3000, 1, &Nothing).unwrap();
+        assert!(direct.read_obj::<u8>(GuestAddress(0x4000)).is_err());
+        assert!(direct.write_obj(1_u8, GuestAddress(0x4000)).is_err());
+        assert!(translated.read_obj::<u8>(GuestAddress(0x10_1000)).is_err());
+        assert!(
+            translated.read_obj::<u16>(GuestAddress(0x10_0fff)).is_err(),
+            "straddling"
+        );
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x4000)).unwrap(),
+            0x5a,
+            "nothing written"
+        );
+        direct.write_obj(7_u8, GuestAddress(0x3000)).unwrap();
+        assert_eq!(translated.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 7);
+        assert_eq!(t.private_denied(), 2);
+        assert_eq!(t.faults(), 0, "a private page is not an IOMMU fault");
     }
 
     #[test]
