@@ -360,7 +360,7 @@ impl DmaTranslation {
     fn private(&self, iova: u64, length: usize, gpa: u64) -> IommuError {
         let n = self.state.private_denied.fetch_add(1, Ordering::Relaxed) + 1;
         // The first few, then one in a thousand: a guest cannot flood the log.
-        if n <= 8 || n % 1000 == 0 {
+        if n <= 8 || n.is_multiple_of(1000) {
             log::warn!(
                 "{}: access to private page at guest-physical {gpa:#x} refused ({n} so far)",
                 self.state.owner

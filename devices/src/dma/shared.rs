@@ -197,7 +197,7 @@ impl SharedPages {
     }
 
     fn check_range(&self, gpa: u64, npages: u64) -> Result<(), ShareError> {
-        if gpa % PAGE_SIZE != 0 || !self.in_ram(gpa, npages) {
+        if !gpa.is_multiple_of(PAGE_SIZE) || !self.in_ram(gpa, npages) {
             return Err(ShareError::OutOfRange);
         }
         Ok(())
@@ -364,7 +364,7 @@ mod tests {
             (16 * MIB, 1),            // in the hole
             (16 * MIB - 4096, 2),     // across the hole
             (48 * MIB, 1),            // past the end
-            (u64::MAX & !0xfff, 2),   // wrapping
+            (!0xfff, 2),              // wrapping
             (0, u64::MAX / 4096 + 2), // length overflows
             (0x800, 1),               // unaligned
         ] {
