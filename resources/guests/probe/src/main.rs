@@ -50,6 +50,7 @@ const MODES: &[(&str, Workload)] = &[
     ("fault", fault),
     ("hostile", hostile::run),
     ("bench", virtio::bench),
+    ("iommu_fault", virtio::faults::run),
 ];
 
 /// The BSP at CPL3, from `_start` (boot.rs).
