@@ -17,7 +17,7 @@ const NODE_VIRTIO_MMIO_IOMMU: u8 = 4;
 const ENDPOINT_NODE_LEN: u64 = 24;
 const IOMMU_NODE_LEN: u64 = 16;
 
-const MAX_RANGES: usize = 8;
+const MAX_RANGES: usize = 32;
 const MAX_MMIO: usize = 32;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -118,9 +118,7 @@ pub fn parse(table: u64, len: u64) -> Viot {
         }
         match kind {
             NODE_PCI_RANGE | NODE_MMIO_ENDPOINT if nlen < ENDPOINT_NODE_LEN => v.fail("viot_endpoint_node_short"),
-            NODE_VIRTIO_PCI_IOMMU | NODE_VIRTIO_MMIO_IOMMU if nlen < IOMMU_NODE_LEN => {
-                v.fail("viot_iommu_node_short")
-            }
+            NODE_VIRTIO_PCI_IOMMU | NODE_VIRTIO_MMIO_IOMMU if nlen < IOMMU_NODE_LEN => v.fail("viot_iommu_node_short"),
             NODE_PCI_RANGE if v.nranges < MAX_RANGES => {
                 let r = unsafe {
                     PciRange {

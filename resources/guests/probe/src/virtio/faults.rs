@@ -226,7 +226,12 @@ fn check_unmapped(blk: &mut Blk, ep: u32) -> bool {
             return fail("unmapped", "no_answer");
         }
     }
-    let f = match expect_fault(ep, wire::REASON_MAPPING, wire::FAULT_READ, Some((UNMAPPED_IOVA, UNMAPPED_IOVA + LEN as u64))) {
+    let f = match expect_fault(
+        ep,
+        wire::REASON_MAPPING,
+        wire::FAULT_READ,
+        Some((UNMAPPED_IOVA, UNMAPPED_IOVA + LEN as u64)),
+    ) {
         Ok(f) => f,
         Err(why) => return fail("unmapped", why),
     };
@@ -264,7 +269,12 @@ fn check_readonly(blk: &mut Blk, ep: u32) -> bool {
     if let Err(why) = result {
         return fail("readonly", why);
     }
-    let f = match expect_fault(ep, wire::REASON_MAPPING, wire::FAULT_WRITE, Some((iova, iova + LEN as u64))) {
+    let f = match expect_fault(
+        ep,
+        wire::REASON_MAPPING,
+        wire::FAULT_WRITE,
+        Some((iova, iova + LEN as u64)),
+    ) {
         Ok(f) => f,
         Err(why) => return fail("readonly", why),
     };

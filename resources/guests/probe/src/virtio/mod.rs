@@ -221,7 +221,11 @@ impl Buf {
         // SAFETY: the layout is not zero-sized.
         let ptr = unsafe { alloc_zeroed(layout) };
         match NonNull::new(ptr) {
-            Some(ptr) => Buf { ptr, len, pool_pages: 0 },
+            Some(ptr) => Buf {
+                ptr,
+                len,
+                pool_pages: 0,
+            },
             None => handle_alloc_error(layout),
         }
     }
@@ -364,10 +368,15 @@ fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
     let (mut found, broken) = discover::discover(info.cmdline, acpi.ecam, boot::mapped_end());
     // The vIOMMU is not one of the devices the workloads drive: it counts
     // (its own line follows), but it is set up here, before the others.
-    let viommu = found.iter().position(|f| f.transport.device_type() == DeviceType::IOMMU);
+    let viommu = found
+        .iter()
+        .position(|f| f.transport.device_type() == DeviceType::IOMMU);
     let viommu = viommu.map(|i| found.remove(i));
     Line::new("virtio")
-        .dec("count", (found.len() + broken.len() + usize::from(viommu.is_some())) as u64)
+        .dec(
+            "count",
+            (found.len() + broken.len() + usize::from(viommu.is_some())) as u64,
+        )
         .text("dma", hal::chosen().name().as_bytes())
         .hex("pool", pool)
         .hex("heap", heap_base)
@@ -379,9 +388,10 @@ fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
         let t = Probed::new(f.transport, f.notify, cached_notify, mmio_base(&f.bus, f.addr), None);
         iommu_ok = iommu::install(t, &f.bus, f.addr, viot);
         // Identity addresses through a vIOMMU need its bypass.
-        if iommu_ok && !hal::chosen().translates() && !iommu::set_bypass(true) {
-            Line::new("iommu").word("result=fail reason=cannot_bypass").emit();
-            iommu_ok = false;
+        if iommu_ok && !hal::chosen().translates() {
+            iommu_ok = iommu::set_bypass(true);
+            let result = if iommu_ok { "result=ok" } else { "result=fail" };
+            Line::new("iommu").word("bypass=1").word(result).emit();
         }
     }
     if hal::chosen().translates() && !iommu::present() {

@@ -112,8 +112,12 @@ impl Driver {
             return Err("features_refused");
         }
         let config = read_config(&transport)?;
-        let requests = VirtQueue::new(&mut transport, 0, false, false).map_err(|e| error_name(&e))?;
-        let events = VirtQueue::new(&mut transport, 1, false, false).map_err(|e| error_name(&e))?;
+        let mut requests = VirtQueue::new(&mut transport, 0, false, false).map_err(|e| error_name(&e))?;
+        let mut events = VirtQueue::new(&mut transport, 1, false, false).map_err(|e| error_name(&e))?;
+        // The probe polls with interrupts off: an interrupt per answer
+        // would only cost the VMM work.
+        requests.set_dev_notify(false);
+        events.set_dev_notify(false);
         transport.set_status(base | DeviceStatus::FEATURES_OK | DeviceStatus::DRIVER_OK);
         let mut d = Driver {
             transport,
@@ -152,8 +156,8 @@ impl Driver {
     fn post_event(&mut self, slot: usize) -> Result<(), &'static str> {
         // SAFETY: the buffer lives in `event_bufs` (boxed: it never moves)
         // and is only read after the device gives its token back.
-        let token = unsafe { self.events.add(&[], &mut [&mut self.event_bufs[slot][..]]) }
-            .map_err(|e| error_name(&e))?;
+        let token =
+            unsafe { self.events.add(&[], &mut [&mut self.event_bufs[slot][..]]) }.map_err(|e| error_name(&e))?;
         *self.event_slot.get_mut(token as usize).ok_or("bad_event_token")? = slot as u8;
         Ok(())
     }
@@ -168,10 +172,7 @@ impl Driver {
             };
             let slot = slot as usize;
             // SAFETY: the buffer `post_event` gave with this token.
-            let len = unsafe {
-                self.events
-                    .pop_used(token, &[], &mut [&mut self.event_bufs[slot][..]])
-            };
+            let len = unsafe { self.events.pop_used(token, &[], &mut [&mut self.event_bufs[slot][..]]) };
             if matches!(len, Ok(n) if n as usize >= FAULT_LEN) {
                 self.faults.push_back(wire::parse_fault(&self.event_bufs[slot]));
                 self.faults_seen += 1;

@@ -112,7 +112,10 @@ pub fn install(transport: Probed, bus: &Bus, addr: u64, viot: Option<&Viot>) -> 
     line.hex("features", driver.features)
         .hex("page_size_mask", c.page_size_mask)
         .hex("input_end", c.input_end)
-        .dec("domains", u64::from(c.domain_end) + 1 - u64::from(c.domain_start.min(c.domain_end)))
+        .dec(
+            "domains",
+            u64::from(c.domain_end) + 1 - u64::from(c.domain_start.min(c.domain_end)),
+        )
         .dec("probe_size", u64::from(c.probe_size))
         .dec("bypass", u64::from(c.bypass))
         .emit();
