@@ -71,10 +71,13 @@ pub struct RunArgs {
     /// CPUID features to hide from the guest, comma separated (e.g. xsave,cx16).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub cpuid_hide: Option<Vec<String>>,
-    /// DMA mode of every virtio device: bypass (guest-physical addresses) or platform (VIRTIO_F_ACCESS_PLATFORM) [default: bypass].
+    /// DMA mode of every virtio device: bypass (guest-physical addresses), platform (VIRTIO_F_ACCESS_PLATFORM) or auto (bypass until the guest goes secure, then platform) [default: bypass].
     #[arg(long, value_name = "MODE")]
     pub dma: Option<String>,
-    /// A virtio-blk disk: path=FILE[,readonly=on][,transport=mmio|pci][,dma=bypass|platform][,insist=on]. Repeatable.
+    /// Add a virtio-iommu (on PCI, described by ACPI VIOT) that translates for every platform/auto device.
+    #[arg(long)]
+    pub iommu: bool,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,transport=mmio|pci][,dma=bypass|platform|auto][,insist=on]. Repeatable.
     #[arg(long, value_name = "OPTS")]
     pub disk: Vec<String>,
     /// A virtio-net NIC: tap=NAME or loopback, [,mac=52:54:..][,transport=..][,dma=..]. Repeatable.
@@ -113,6 +116,7 @@ impl RunArgs {
             timeout: self.timeout,
             cpuid_hide: self.cpuid_hide.clone(),
             dma: self.dma.clone(),
+            iommu: self.iommu.then_some(true),
             disk: non_empty(&self.disk),
             net: non_empty(&self.net),
             rng: non_empty(&self.rng),

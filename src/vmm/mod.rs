@@ -245,8 +245,8 @@ impl Vm {
             Arc::new(Mutex::new(AcpiSleepControl::new(stop.clone()))),
         )
         .map_err(bus_err)?;
-        let mut device_manager = devices::DeviceManager::new();
-        devices::attach_configured(&mut device_manager, config, &vm_fd, &mut pio, &mut mmio, &ram.host_view)?;
+        let mut device_manager = devices::DeviceManager::new(ram.host_view.clone(), ram.shared.clone());
+        devices::attach_configured(&mut device_manager, config, &vm_fd, &mut pio, &mut mmio)?;
 
         // Boot structures, now that the devices are known.
         if config.kernel.is_none() || cmdline.split_whitespace().any(|w| w == "acpi=off") {
@@ -272,7 +272,7 @@ impl Vm {
             serial: Some((COM1_PORT, COM1_IRQ)),
             virtio_mmio: device_manager.acpi_mmio.clone(),
             pci_ecam: device_manager.pci_ecam(),
-            viot: None,
+            viot: device_manager.viot.clone(),
         };
         veil_arch::acpi::write_acpi_tables(
             mem,

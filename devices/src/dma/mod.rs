@@ -50,6 +50,9 @@ pub enum DmaMode {
     Bypass,
     /// VIRTIO_F_ACCESS_PLATFORM: addresses go through the platform.
     Platform,
+    /// Bypass while the guest is an ordinary VM; once it enters secure
+    /// mode the device asks to be reset and then offers ACCESS_PLATFORM.
+    Auto,
 }
 
 impl std::str::FromStr for DmaMode {
@@ -59,7 +62,8 @@ impl std::str::FromStr for DmaMode {
         match s {
             "bypass" => Ok(DmaMode::Bypass),
             "platform" => Ok(DmaMode::Platform),
-            _ => Err(format!("invalid DMA mode '{s}': expected bypass or platform")),
+            "auto" => Ok(DmaMode::Auto),
+            _ => Err(format!("invalid DMA mode '{s}': expected bypass, platform or auto")),
         }
     }
 }
@@ -239,6 +243,8 @@ struct EndpointState {
     private_denied: AtomicU64,
     /// Who is translated here, for the logs.
     owner: String,
+    /// Guest-physical addresses as they are: nothing to fault on.
+    identity: bool,
 }
 
 /// The per-endpoint half of an IOMMU: translations a device may use when
@@ -264,6 +270,7 @@ impl DmaTranslation {
             tlb: RwLock::new(tlb),
             gate: Some(gate.clone()),
             owner: owner.to_string(),
+            identity,
             ..Default::default()
         });
         gate.register(Arc::downgrade(&state));
@@ -409,6 +416,13 @@ impl Iommu for DmaTranslation {
         // vm-memory adds `length` to `iova` unchecked: refuse wrapping
         // ranges here (nothing is mapped past the top anyway).
         if iova.0.checked_add(length as u64).is_none() {
+            if self.state.identity {
+                // Not a translation fault: an address no memory has.
+                return Err(IommuError::CannotResolve {
+                    iova_range: IovaRange { base: iova, length },
+                    reason: "wraps around the address space".into(),
+                });
+            }
             return Err(self.fault(iova.0, length, access, FaultReason::Unmapped, iova.0));
         }
         let guard = self.state.tlb.read().unwrap_or_else(PoisonError::into_inner);

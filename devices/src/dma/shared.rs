@@ -56,7 +56,6 @@ pub struct PageCounts {
     pub shared_pages: u64,
 }
 
-#[derive(Debug)]
 pub struct SharedPages {
     /// Guest RAM as `(start, length)`, page-aligned, sorted.
     ram: Vec<(u64, u64)>,
@@ -69,6 +68,20 @@ pub struct SharedPages {
     endpoints: Mutex<Vec<Weak<EndpointState>>>,
     /// Serialises changes (ultracalls may come from several vCPUs).
     change: Mutex<()>,
+    /// Run once the guest is secure (devices that must renegotiate).
+    on_secure: Mutex<Vec<SecureCallback>>,
+}
+
+/// Called on the vCPU thread that entered secure mode.
+pub type SecureCallback = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for SharedPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedPages")
+            .field("ram", &self.ram)
+            .field("counts", &self.counts())
+            .finish_non_exhaustive()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,7 +111,13 @@ impl SharedPages {
             shared_pages: AtomicU64::new(0),
             endpoints: Mutex::new(Vec::new()),
             change: Mutex::new(()),
+            on_secure: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Runs `callback` when the guest enters secure mode.
+    pub fn on_secure(&self, callback: SecureCallback) {
+        lock(&self.on_secure).push(callback);
     }
 
     pub fn is_secure(&self) -> bool {
@@ -231,6 +250,9 @@ impl SharedPages {
                     result = Err(ShareError::Host(err.to_string()));
                 }
             }
+        }
+        for callback in lock(&self.on_secure).iter() {
+            callback();
         }
         // A host view that could not be protected is still gated: the
         // bits are what devices check. Report it, keep going secure.
