@@ -31,6 +31,8 @@ mod memtest;
 mod serial;
 mod smp;
 mod time;
+mod ultracall;
+mod ultracall_checks;
 mod virtio;
 
 use bootinfo::{param, BootInfo};
@@ -50,6 +52,7 @@ const MODES: &[(&str, Workload)] = &[
     ("fault", fault),
     ("hostile", hostile::run),
     ("bench", virtio::bench),
+    ("ultracall", ultracall_checks::run),
 ];
 
 /// The BSP at CPL3, from `_start` (boot.rs).
