@@ -31,6 +31,8 @@ mod memtest;
 mod serial;
 mod smp;
 mod time;
+mod ultracall;
+mod ultracall_checks;
 mod virtio;
 
 use bootinfo::{param, BootInfo};
@@ -51,6 +53,7 @@ const MODES: &[(&str, Workload)] = &[
     ("hostile", hostile::run),
     ("bench", virtio::bench),
     ("iommu_fault", virtio::faults::run),
+    ("ultracall", ultracall_checks::run),
 ];
 
 /// The BSP at CPL3, from `_start` (boot.rs).
