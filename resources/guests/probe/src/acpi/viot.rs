@@ -99,6 +99,10 @@ pub fn parse(table: u64, len: u64) -> Viot {
     // SAFETY (every peek): the caller checked [table, table + len), and each
     // node is checked against that end before its fields are read.
     let (count, first) = unsafe { (peek::<u16>(table + 36), peek::<u16>(table + 38) as u64) };
+    if first < 48 {
+        v.fail("viot_node_offset");
+        return v;
+    }
     let end = table + len;
     let mut at = table + first;
     // Endpoint nodes name their IOMMU by offset; which offset that is is

@@ -20,6 +20,7 @@ mod console;
 mod discover;
 pub mod faults;
 pub mod iommu;
+mod mark;
 mod net;
 mod rng;
 mod transport;
@@ -36,6 +37,7 @@ use crate::hal::{self, DmaPolicy};
 use crate::serial::Line;
 use crate::{boot, heap};
 use discover::Found;
+pub use mark::DmaMark;
 use transport::{Probed, Stats};
 
 /// TSC ticks to wait for one completion before calling it a timeout
@@ -126,42 +128,6 @@ pub fn check_features(name: Name, stats: &Stats) -> bool {
         return false;
     }
     true
-}
-
-/// DMA counters at one moment: vIOMMU requests the probe sent, and the
-/// lazy policy's bounces.
-#[derive(Clone, Copy, Default)]
-pub struct DmaMark {
-    maps: u64,
-    unmaps: u64,
-    bounces: u64,
-    map_failures: u64,
-}
-
-impl DmaMark {
-    pub fn now() -> DmaMark {
-        let sent = iommu::sent();
-        let c = hal::counts();
-        DmaMark {
-            maps: sent.maps,
-            unmaps: sent.unmaps,
-            bounces: c.bounces,
-            map_failures: c.map_failures,
-        }
-    }
-
-    /// ` iommu_maps=N iommu_unmaps=M bounces=B`: what happened since `self`.
-    pub fn tag(self, line: Line) -> Line {
-        let now = DmaMark::now();
-        let line = line
-            .dec("iommu_maps", now.maps - self.maps)
-            .dec("iommu_unmaps", now.unmaps - self.unmaps)
-            .dec("bounces", now.bounces - self.bounces);
-        match now.map_failures - self.map_failures {
-            0 => line,
-            n => line.dec("map_failures", n),
-        }
-    }
 }
 
 /// ` access_platform=1` when that was negotiated (with ` iommu=<policy>

@@ -156,6 +156,8 @@ pub struct Probed {
     notify_at: [u64; NOTIFY_QUEUES],
     /// virtio-mmio: the register window.
     mmio: Option<u64>,
+    /// Its features were negotiated: the Hal serves this device now.
+    serving: bool,
 }
 
 impl Probed {
@@ -182,6 +184,7 @@ impl Probed {
             pci: pci.filter(|_| cache_notify),
             notify_at: [0; NOTIFY_QUEUES],
             mmio,
+            serving: false,
         }
     }
 
@@ -217,6 +220,7 @@ impl Transport for Probed {
         }
         self.stats.translated.set(translated);
         hal::enter_device(translated);
+        self.serving = true;
         self.stats.accepted.set(f);
         each!(&mut self.inner, t => t.write_driver_features(f))
     }
@@ -325,7 +329,11 @@ impl Transport for Probed {
 
 impl Drop for Probed {
     /// The driver is gone: whatever the Hal shares next is not for it.
+    /// (A transport no driver used says nothing: another device may be
+    /// the one being served.)
     fn drop(&mut self) {
-        hal::leave_device();
+        if self.serving {
+            hal::leave_device();
+        }
     }
 }
