@@ -148,7 +148,7 @@ fn same_image_through_the_iommu(transport: &str) {
             // The pool, then per request: header, data, status (and an
             // indirect table), each mapped and unmapped.
             _ => {
-                assert!(num(&blk, "iommu_maps") >= 3 * requests + 1, "{blk:?}");
+                assert!(num(&blk, "iommu_maps") > 3 * requests, "{blk:?}");
                 assert_eq!(num(&blk, "iommu_maps"), num(&blk, "iommu_unmaps") + 1, "{blk:?}");
             }
         }
