@@ -51,10 +51,20 @@ pub enum DmaPolicy {
     /// Each buffer is mapped at a fresh IOVA for one request and unmapped
     /// when it completes; only the pool (virtqueues) stays mapped.
     Strict = 2,
+    /// Guest-physical addresses, but every buffer outside the pool is
+    /// bounced through pool pages (swiotlb-style): devices need reach
+    /// nothing but the pool, which is what a guest that shares only its
+    /// pool after ESM needs without a vIOMMU.
+    Bounce = 3,
 }
 
 /// Every policy, by its `repr(u8)` value.
-const POLICIES: [DmaPolicy; 3] = [DmaPolicy::Identity, DmaPolicy::Lazy, DmaPolicy::Strict];
+const POLICIES: [DmaPolicy; 4] = [
+    DmaPolicy::Identity,
+    DmaPolicy::Lazy,
+    DmaPolicy::Strict,
+    DmaPolicy::Bounce,
+];
 
 impl DmaPolicy {
     pub fn name(self) -> &'static str {
@@ -62,6 +72,7 @@ impl DmaPolicy {
             DmaPolicy::Identity => "identity",
             DmaPolicy::Lazy => "lazy",
             DmaPolicy::Strict => "strict",
+            DmaPolicy::Bounce => "bounce",
         }
     }
 
@@ -73,7 +84,13 @@ impl DmaPolicy {
     /// Whether devices under this policy are attached to the vIOMMU and
     /// given IOVAs.
     pub fn translates(self) -> bool {
-        self != DmaPolicy::Identity
+        matches!(self, DmaPolicy::Lazy | DmaPolicy::Strict)
+    }
+
+    /// Whether devices reach nothing but the pool: what lets the probe
+    /// share only its pool after ESM.
+    pub fn pool_only(self) -> bool {
+        matches!(self, DmaPolicy::Lazy | DmaPolicy::Bounce)
     }
 
     /// Whether the workloads' buffers should be taken from the pool (where
@@ -88,8 +105,8 @@ impl DmaPolicy {
         let len = buffer.len();
         match self {
             DmaPolicy::Identity => addr,
-            DmaPolicy::Lazy if pool::contains(addr, len) => addr,
-            DmaPolicy::Lazy => bounce_in(addr, len, direction),
+            DmaPolicy::Lazy | DmaPolicy::Bounce if pool::contains(addr, len) => addr,
+            DmaPolicy::Lazy | DmaPolicy::Bounce => bounce_in(addr, len, direction),
             DmaPolicy::Strict => {
                 let first = addr & !(PAGE - 1);
                 let span = (addr + len as u64).next_multiple_of(PAGE) - first;
@@ -108,8 +125,8 @@ impl DmaPolicy {
         let len = buffer.len();
         match self {
             DmaPolicy::Identity => {}
-            DmaPolicy::Lazy if paddr == addr => {}
-            DmaPolicy::Lazy => bounce_out(paddr, addr, len, direction),
+            DmaPolicy::Lazy | DmaPolicy::Bounce if paddr == addr => {}
+            DmaPolicy::Lazy | DmaPolicy::Bounce => bounce_out(paddr, addr, len, direction),
             DmaPolicy::Strict => {
                 let first = paddr & !(PAGE - 1);
                 let span = (paddr + len as u64).next_multiple_of(PAGE) - first;
@@ -171,13 +188,12 @@ pub fn chosen() -> DmaPolicy {
         .unwrap_or(DmaPolicy::Identity)
 }
 
-/// The policy for the device being driven: the chosen one if it goes
-/// through the vIOMMU, else identity.
+/// The policy for the device being driven: a translating one only if it
+/// goes through the vIOMMU (else identity); the others as chosen.
 pub fn policy() -> DmaPolicy {
-    if TRANSLATED.load(Ordering::Relaxed) {
-        chosen()
-    } else {
-        DmaPolicy::Identity
+    match chosen() {
+        p if p.translates() && !TRANSLATED.load(Ordering::Relaxed) => DmaPolicy::Identity,
+        p => p,
     }
 }
 

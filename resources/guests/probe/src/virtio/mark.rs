@@ -39,4 +39,9 @@ impl DmaMark {
             n => line.dec("map_failures", n),
         }
     }
+
+    /// ` bounces=B`: the bounce policy's copies since `self`.
+    pub fn tag_bounces(self, line: Line) -> Line {
+        line.dec("bounces", DmaMark::now().bounces - self.bounces)
+    }
 }

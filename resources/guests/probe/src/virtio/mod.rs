@@ -23,6 +23,7 @@ pub mod iommu;
 mod mark;
 mod net;
 mod rng;
+mod secure;
 mod transport;
 
 use alloc::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
@@ -45,10 +46,12 @@ use transport::{Probed, Stats};
 pub const TIMEOUT: u64 = 20_000_000_000;
 
 const MIB: u64 = 1 << 20;
-/// DMA pool: virtqueues (and bounce buffers, with the lazy policy).
+/// DMA pool: virtqueues (and bounce buffers, with the lazy and bounce
+/// policies).
 const POOL_SIZE: u64 = 2 * MIB;
-/// The lazy policy also keeps the workloads' buffers in the pool, which
-/// then grows by the heap's size, up to what the pool can hold.
+/// Where every device access stays in the pool (lazy: the workloads'
+/// buffers live there; bounce: they are copied there), the pool grows by
+/// the heap's size, up to what it can hold.
 const POOL_MAX: u64 = 32 * MIB;
 /// The heap takes a quarter of the free RAM, within these bounds.
 const HEAP_MIN: u64 = 4 * MIB;
@@ -143,6 +146,8 @@ pub fn annotate(line: Line, stats: &Stats) -> Line {
             .text("iommu", hal::chosen().name().as_bytes())
             .hex("endpoint", u64::from(stats.endpoint.get().unwrap_or(0)));
         line = stats.mark.get().tag(line);
+    } else if hal::chosen() == DmaPolicy::Bounce {
+        line = stats.mark.get().tag_bounces(line);
     }
     if stats.ready_stuck.get() {
         line = line.word("quirk=ready_stuck");
@@ -261,7 +266,7 @@ fn free_ram(info: &BootInfo, limit: u64) -> u64 {
 fn reserve(info: &BootInfo, acpi: &Acpi) -> Option<(u64, u64)> {
     let limit = boot::mapped_end();
     let heap_size = (free_ram(info, limit) / 4).clamp(HEAP_MIN, HEAP_MAX) & !(MIB - 1);
-    let pool_size = if hal::chosen().buffers_in_pool() {
+    let pool_size = if hal::chosen().pool_only() {
         (POOL_SIZE + heap_size).min(POOL_MAX)
     } else {
         POOL_SIZE
@@ -331,6 +336,9 @@ fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
         return None;
     }
     let (pool, heap_base) = reserve(info, acpi)?;
+    if !secure::enter(info.cmdline) {
+        return None;
+    }
     let (mut found, broken) = discover::discover(info.cmdline, acpi.ecam, boot::mapped_end());
     // The vIOMMU is not one of the devices the workloads drive: it counts
     // (its own line follows), but it is set up here, before the others.
