@@ -91,15 +91,7 @@ impl Tlb {
             if m.last >= iova {
                 self.map.insert(start, DmaMapping { last: iova - 1, ..m });
                 if m.last > last {
-                    let tail = last + 1;
-                    self.map.insert(
-                        tail,
-                        DmaMapping {
-                            iova: tail,
-                            phys: m.phys + (tail - m.iova),
-                            ..m
-                        },
-                    );
+                    self.keep_tail(m, last + 1);
                     return;
                 }
             }
@@ -108,18 +100,20 @@ impl Tlb {
         for start in inside {
             if let Some(m) = self.map.remove(&start) {
                 if m.last > last {
-                    let tail = last + 1;
-                    self.map.insert(
-                        tail,
-                        DmaMapping {
-                            iova: tail,
-                            phys: m.phys + (tail - m.iova),
-                            ..m
-                        },
-                    );
+                    self.keep_tail(m, last + 1);
                 }
             }
         }
+    }
+
+    /// Keeps the part of `m` from `from` on.
+    fn keep_tail(&mut self, m: DmaMapping, from: u64) {
+        let tail = DmaMapping {
+            iova: from,
+            phys: m.phys + (from - m.iova),
+            ..m
+        };
+        self.map.insert(from, tail);
     }
 
     /// The guest-physical pieces of `iova..iova + len` for `access`.
