@@ -155,6 +155,8 @@ pub enum BenchCommand {
     Blk(DeviceBenchArgs),
     /// virtio-net frames per second and MB/s through the loopback backend.
     Net(DeviceBenchArgs),
+    /// Block and net workloads in every DMA setup (bypass, platform, vIOMMU lazy/strict, secure), and ESM's cost.
+    Dma(DmaBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -194,4 +196,29 @@ pub struct DeviceBenchArgs {
     /// Frames per net case.
     #[arg(long, default_value_t = 20000)]
     pub frames: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DmaBenchArgs {
+    /// Workloads: blk, net, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "blk,net")]
+    pub kind: Vec<String>,
+    /// Transports to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "mmio,pci")]
+    pub transport: Vec<String>,
+    /// Only these setups (default: all), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub setup: Vec<String>,
+    /// MiB moved per block case.
+    #[arg(long, default_value_t = 16)]
+    pub mib: u64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 1)]
+    pub qd: u32,
+    /// Frames per net case.
+    #[arg(long, default_value_t = 5000)]
+    pub frames: u64,
+    /// Guest RAM sizes at which to measure ESM (none: skip), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
+    pub esm_memory: Vec<String>,
 }

@@ -51,9 +51,11 @@ fn write_chain(mem: &GuestMemoryMmap, base: u64) {
     for i in 0..CHAIN {
         let at = DESC_TABLE + u64::from(i) * 16;
         let more = i + 1 < CHAIN;
-        mem.write_obj(base + BUFFERS + u64::from(i) * 4096, GuestAddress(at)).unwrap();
+        mem.write_obj(base + BUFFERS + u64::from(i) * 4096, GuestAddress(at))
+            .unwrap();
         mem.write_obj(4096_u32, GuestAddress(at + 8)).unwrap();
-        mem.write_obj(if more { 1_u16 } else { 0 }, GuestAddress(at + 12)).unwrap();
+        mem.write_obj(if more { 1_u16 } else { 0 }, GuestAddress(at + 12))
+            .unwrap();
         mem.write_obj(i + 1, GuestAddress(at + 14)).unwrap();
     }
 }
@@ -96,7 +98,11 @@ fn views() -> Vec<(&'static str, DmaMemory, u64, Option<Arc<DmaTranslation>>)> {
     let open = Arc::new(SharedPages::new(&[(0, RAM)]));
     let secure = Arc::new(SharedPages::new(&[(0, RAM)]));
     secure
-        .enter_secure(DESC_TABLE, (BUFFERS - DESC_TABLE) / 4096 + u64::from(CHAIN), &NoProtection)
+        .enter_secure(
+            DESC_TABLE,
+            (BUFFERS - DESC_TABLE) / 4096 + u64::from(CHAIN),
+            &NoProtection,
+        )
         .unwrap();
     // The vIOMMU cases read descriptors holding IOVAs: a second chain image.
     let iova_mem = host();
@@ -120,7 +126,12 @@ fn views() -> Vec<(&'static str, DmaMemory, u64, Option<Arc<DmaTranslation>>)> {
             None,
         ),
         ("iommu-warm", translated_view(iova_mem.clone(), warm), IOVA_OFFSET, None),
-        ("iommu-cold", translated_view(iova_mem, cold.clone()), IOVA_OFFSET, Some(cold)),
+        (
+            "iommu-cold",
+            translated_view(iova_mem, cold.clone()),
+            IOVA_OFFSET,
+            Some(cold),
+        ),
     ]
 }
 
@@ -149,7 +160,10 @@ fn descriptor_chain(c: &mut Criterion) {
                     });
                 }
                 let sum = walk(&view, base);
-                t.remove_range(IOVA_OFFSET + BUFFERS, IOVA_OFFSET + BUFFERS + u64::from(CHAIN) * 4096 - 1);
+                t.remove_range(
+                    IOVA_OFFSET + BUFFERS,
+                    IOVA_OFFSET + BUFFERS + u64::from(CHAIN) * 4096 - 1,
+                );
                 black_box(sum)
             }),
         });

@@ -181,6 +181,7 @@ impl UltracallGate {
         let started = Instant::now();
         let result = self.pages.enter_secure(keep_gpa, npages, &self.host_view);
         if matches!(result, Ok(()) | Err(ShareError::Host(_))) {
+            self.counters.count_esm(started.elapsed().as_nanos() as u64);
             // Secure even when the host view failed: the bits are what
             // devices check.
             let c = self.pages.counts();
@@ -203,12 +204,15 @@ impl UltracallGate {
         if npages == 0 {
             return Err(Status::ZeroLength);
         }
+        let started = Instant::now();
         let result = if f == Function::Share {
             self.pages.share(gpa, npages, &self.host_view)
         } else {
             self.pages.unshare(gpa, npages, &self.host_view)
         };
         let changed = result.map_err(|e| self.status_of(f, e))?;
+        self.counters
+            .count_conversion(f == Function::Share, npages, started.elapsed().as_nanos() as u64);
         log::debug!("ultracall {}: {gpa:#x} + {npages} pages ({changed} changed)", f.name());
         Ok(())
     }

@@ -135,7 +135,12 @@ impl Tlb {
         let mut pieces = Pieces::default();
         let mut at = iova;
         let after = (Bound::Excluded(iova), Bound::Unbounded);
-        let mut mappings = self.map.range(..=iova).next_back().into_iter().chain(self.map.range(after));
+        let mut mappings = self
+            .map
+            .range(..=iova)
+            .next_back()
+            .into_iter()
+            .chain(self.map.range(after));
         loop {
             let Some((_, m)) = mappings.next() else {
                 return Err(Miss::Unmapped(at));
@@ -196,7 +201,10 @@ mod tests {
         assert_eq!(t.lookup(0x1800, 0x10, Permissions::Read), Ok(Pieces::one(0x8800, 0x10)));
         let p = t.lookup(0x1ff0, 0x1020, Permissions::Read).unwrap();
         assert_eq!(p.as_slice(), &[(0x8ff0, 0x1010), (0x2000, 0x10)]);
-        assert_eq!(t.lookup(0x2ff0, 0x20, Permissions::Write), Err(Miss::Permission(0x3000)));
+        assert_eq!(
+            t.lookup(0x2ff0, 0x20, Permissions::Write),
+            Err(Miss::Permission(0x3000))
+        );
         assert_eq!(t.lookup(0x3ff0, 0x20, Permissions::Read), Err(Miss::Unmapped(0x4000)));
         assert_eq!(t.lookup(0x800, 0x10, Permissions::Read), Err(Miss::Unmapped(0x800)));
     }

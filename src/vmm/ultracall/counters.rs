@@ -21,6 +21,13 @@ pub(super) struct Counters {
     bad_hypercalls: AtomicU64,
     /// Every warning-worthy event, for the rate limit.
     warnings: AtomicU64,
+    /// What the transitions cost veil: ESM wall and CPU time, and time
+    /// and pages of successful SHARE and UNSHARE calls.
+    esm_ns: AtomicU64,
+    share_ns: AtomicU64,
+    share_pages: AtomicU64,
+    unshare_ns: AtomicU64,
+    unshare_pages: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) -> u64 {
@@ -56,6 +63,20 @@ impl Counters {
         n <= WARN_FIRST || n.is_multiple_of(WARN_EVERY)
     }
 
+    pub(super) fn count_esm(&self, ns: u64) {
+        self.esm_ns.store(ns, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_conversion(&self, share: bool, pages: u64, ns: u64) {
+        let (t, p) = if share {
+            (&self.share_ns, &self.share_pages)
+        } else {
+            (&self.unshare_ns, &self.unshare_pages)
+        };
+        t.fetch_add(ns, Ordering::Relaxed);
+        p.fetch_add(pages, Ordering::Relaxed);
+    }
+
     pub(super) fn report(&self, pages: PageCounts) -> SecureReport {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut calls = BTreeMap::new();
@@ -76,6 +97,11 @@ impl Counters {
             bad_port_accesses: load(&self.bad_port_accesses),
             hypercalls: load(&self.hypercalls),
             bad_hypercalls: load(&self.bad_hypercalls),
+            esm_ns: load(&self.esm_ns),
+            share_ns: load(&self.share_ns),
+            share_pages: load(&self.share_pages),
+            unshare_ns: load(&self.unshare_ns),
+            unshare_pages: load(&self.unshare_pages),
         }
     }
 }
@@ -96,4 +122,14 @@ pub struct SecureReport {
     /// KVM_HC_MAP_GPA_RANGE exits, and those that were malformed.
     pub hypercalls: u64,
     pub bad_hypercalls: u64,
+    /// Time veil spent in the ESM call (0 before ESM). The call runs to
+    /// completion on the calling vCPU's thread without blocking, so this
+    /// is the VMM CPU time it cost too.
+    pub esm_ns: u64,
+    /// Time spent in successful SHARE / UNSHARE calls, and the pages they
+    /// named.
+    pub share_ns: u64,
+    pub share_pages: u64,
+    pub unshare_ns: u64,
+    pub unshare_pages: u64,
 }
