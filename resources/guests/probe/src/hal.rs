@@ -51,10 +51,20 @@ pub enum DmaPolicy {
     /// Each buffer is mapped at a fresh IOVA for one request and unmapped
     /// when it completes; only the pool (virtqueues) stays mapped.
     Strict = 2,
+    /// No vIOMMU: devices get guest-physical addresses, but every buffer,
+    /// wherever it is, is copied through pool pages (Linux's
+    /// `swiotlb=force`). Once the guest is secure only the pool is shared,
+    /// so this is how a device still reaches the driver's data.
+    Bounce = 3,
 }
 
 /// Every policy, by its `repr(u8)` value.
-const POLICIES: [DmaPolicy; 3] = [DmaPolicy::Identity, DmaPolicy::Lazy, DmaPolicy::Strict];
+const POLICIES: [DmaPolicy; 4] = [
+    DmaPolicy::Identity,
+    DmaPolicy::Lazy,
+    DmaPolicy::Strict,
+    DmaPolicy::Bounce,
+];
 
 impl DmaPolicy {
     pub fn name(self) -> &'static str {
@@ -62,6 +72,7 @@ impl DmaPolicy {
             DmaPolicy::Identity => "identity",
             DmaPolicy::Lazy => "lazy",
             DmaPolicy::Strict => "strict",
+            DmaPolicy::Bounce => "bounce",
         }
     }
 
@@ -73,7 +84,13 @@ impl DmaPolicy {
     /// Whether devices under this policy are attached to the vIOMMU and
     /// given IOVAs.
     pub fn translates(self) -> bool {
-        self != DmaPolicy::Identity
+        matches!(self, DmaPolicy::Lazy | DmaPolicy::Strict)
+    }
+
+    /// Whether buffers are copied through the pool, which then needs room
+    /// for a whole workload's buffers beside the virtqueues.
+    pub fn bounces_through_pool(self) -> bool {
+        matches!(self, DmaPolicy::Lazy | DmaPolicy::Bounce)
     }
 
     /// Whether the workloads' buffers should be taken from the pool (where
@@ -88,6 +105,8 @@ impl DmaPolicy {
         let len = buffer.len();
         match self {
             DmaPolicy::Identity => addr,
+            // Even a pool buffer is copied: the point is to test the copy.
+            DmaPolicy::Bounce => bounce_in(addr, len, direction),
             DmaPolicy::Lazy if pool::contains(addr, len) => addr,
             DmaPolicy::Lazy => bounce_in(addr, len, direction),
             DmaPolicy::Strict => {
@@ -108,6 +127,7 @@ impl DmaPolicy {
         let len = buffer.len();
         match self {
             DmaPolicy::Identity => {}
+            DmaPolicy::Bounce => bounce_out(paddr, addr, len, direction),
             DmaPolicy::Lazy if paddr == addr => {}
             DmaPolicy::Lazy => bounce_out(paddr, addr, len, direction),
             DmaPolicy::Strict => {
@@ -134,7 +154,7 @@ fn bounce_in(addr: u64, len: usize, direction: BufferDirection) -> u64 {
     let pages = len.div_ceil(PAGE_SIZE);
     // share() cannot fail in virtio-drivers' Hal: running out of pool is a
     // sizing bug, and the panic line says where.
-    let b = pool::alloc(pages).expect("lazy DMA: the pool has no room to bounce through");
+    let b = pool::alloc(pages).expect("DMA bounce: the pool has no room to bounce through");
     if direction != BufferDirection::DeviceToDriver {
         // SAFETY: the Hal's caller gives a valid buffer of `len` bytes; the
         // bounce pages are ours and at least as long.
@@ -150,7 +170,7 @@ fn bounce_out(bounce: u64, addr: u64, len: usize, direction: BufferDirection) {
         unsafe { core::ptr::copy_nonoverlapping(bounce as *const u8, addr as *mut u8, len) };
     }
     if !pool::free(bounce, len.div_ceil(PAGE_SIZE)) {
-        panic!("lazy DMA: unshare of an address that was not bounced");
+        panic!("DMA bounce: unshare of an address that was not bounced");
     }
 }
 
@@ -172,10 +192,12 @@ pub fn chosen() -> DmaPolicy {
 }
 
 /// The policy for the device being driven: the chosen one if it goes
-/// through the vIOMMU, else identity.
+/// through the vIOMMU; bounce, which needs no vIOMMU, for every device;
+/// else identity.
 pub fn policy() -> DmaPolicy {
-    if TRANSLATED.load(Ordering::Relaxed) {
-        chosen()
+    let chosen = chosen();
+    if TRANSLATED.load(Ordering::Relaxed) || chosen == DmaPolicy::Bounce {
+        chosen
     } else {
         DmaPolicy::Identity
     }

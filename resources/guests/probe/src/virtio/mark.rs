@@ -1,5 +1,5 @@
 //! What the DMA policies cost a stretch of work: vIOMMU requests the probe
-//! sent and the lazy policy's bounces, counted from a mark to now.
+//! sent and the lazy and bounce policies' bounces, counted from a mark to now.
 
 use super::iommu;
 use crate::hal;
@@ -25,6 +25,11 @@ impl DmaMark {
             bounces: c.bounces,
             map_failures: c.map_failures,
         }
+    }
+
+    /// Bounces since `self` (the bounce policy's only cost: no vIOMMU).
+    pub fn bounces_since(self) -> u64 {
+        hal::counts().bounces - self.bounces
     }
 
     /// ` iommu_maps=N iommu_unmaps=M bounces=B`: what happened since `self`.

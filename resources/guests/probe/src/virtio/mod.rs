@@ -45,10 +45,12 @@ use transport::{Probed, Stats};
 pub const TIMEOUT: u64 = 20_000_000_000;
 
 const MIB: u64 = 1 << 20;
-/// DMA pool: virtqueues (and bounce buffers, with the lazy policy).
+/// DMA pool: virtqueues (and bounce buffers, with the lazy and bounce
+/// policies).
 const POOL_SIZE: u64 = 2 * MIB;
-/// The lazy policy also keeps the workloads' buffers in the pool, which
-/// then grows by the heap's size, up to what the pool can hold.
+/// The lazy policy also keeps the workloads' buffers in the pool, and the
+/// bounce policy copies all of them through it: the pool then grows by the
+/// heap's size, up to what the pool can hold.
 const POOL_MAX: u64 = 32 * MIB;
 /// The heap takes a quarter of the free RAM, within these bounds.
 const HEAP_MIN: u64 = 4 * MIB;
@@ -143,6 +145,11 @@ pub fn annotate(line: Line, stats: &Stats) -> Line {
             .text("iommu", hal::chosen().name().as_bytes())
             .hex("endpoint", u64::from(stats.endpoint.get().unwrap_or(0)));
         line = stats.mark.get().tag(line);
+    } else if hal::chosen() == DmaPolicy::Bounce {
+        // No vIOMMU, but the copies are still worth counting.
+        line = line
+            .text("dma", b"bounce")
+            .dec("bounces", stats.mark.get().bounces_since());
     }
     if stats.ready_stuck.get() {
         line = line.word("quirk=ready_stuck");
@@ -261,7 +268,7 @@ fn free_ram(info: &BootInfo, limit: u64) -> u64 {
 fn reserve(info: &BootInfo, acpi: &Acpi) -> Option<(u64, u64)> {
     let limit = boot::mapped_end();
     let heap_size = (free_ram(info, limit) / 4).clamp(HEAP_MIN, HEAP_MAX) & !(MIB - 1);
-    let pool_size = if hal::chosen().buffers_in_pool() {
+    let pool_size = if hal::chosen().bounces_through_pool() {
         (POOL_SIZE + heap_size).min(POOL_MAX)
     } else {
         POOL_SIZE
