@@ -333,9 +333,20 @@ unsafe impl Hal for Untranslated {
         NonNull::new(paddr as *mut u8).expect("MMIO at physical address 0")
     }
 
-    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
-        buffer.as_ptr() as *mut u8 as u64
+    unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
+        let addr = buffer.as_ptr() as *mut u8 as u64;
+        // Once secure, its requests (on the stack) are private: copy them
+        // into the shared pool, still at identity addresses.
+        if crate::secure::is_secure() && !pool::contains(addr, buffer.len()) {
+            return bounce_in(addr, buffer.len(), direction);
+        }
+        addr
     }
 
-    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
+    unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
+        let addr = buffer.as_ptr() as *mut u8 as u64;
+        if paddr != addr {
+            bounce_out(paddr, addr, buffer.len(), direction);
+        }
+    }
 }

@@ -28,6 +28,7 @@ mod heap;
 mod hostile;
 mod mem;
 mod memtest;
+mod secure;
 mod serial;
 mod smp;
 mod time;

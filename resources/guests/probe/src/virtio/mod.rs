@@ -441,6 +441,11 @@ pub fn run(info: &BootInfo, acpi: &Acpi) -> bool {
     let Some((devs, mut ok)) = devices(info, acpi) else {
         return false;
     };
+    // After ESM only the pool is shared: the workloads that follow show
+    // whether the DMA policy keeps every device access inside it.
+    if crate::secure::wanted(info.cmdline) {
+        ok &= crate::secure::enter();
+    }
     let settings = settings(info);
     for dev in devs {
         ok &= match dev.name.kind {
@@ -468,6 +473,11 @@ pub fn bench(info: &BootInfo) -> bool {
     let Some((devs, _)) = devices(info, &acpi) else {
         return false;
     };
+    // As in `run`: ESM before the first case, so that every case measures
+    // the secure setup.
+    if crate::secure::wanted(info.cmdline) && !crate::secure::enter() {
+        return false;
+    }
     bench::run(devs, &settings(info))
 }
 
