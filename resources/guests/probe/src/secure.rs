@@ -19,6 +19,17 @@ pub fn is_secure() -> bool {
     SECURE.load(Ordering::Relaxed)
 }
 
+/// Devices set up from now on are not offered indirect descriptors.
+static DIRECT_ONLY: AtomicBool = AtomicBool::new(false);
+
+pub fn set_direct_only() {
+    DIRECT_ONLY.store(true, Ordering::Relaxed);
+}
+
+pub fn direct_only() -> bool {
+    DIRECT_ONLY.load(Ordering::Relaxed)
+}
+
 /// Whether the command line asks for it.
 pub fn wanted(cmdline: &[u8]) -> bool {
     param(cmdline, "probe.secure") == Some(b"1")
