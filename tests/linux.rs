@@ -38,33 +38,37 @@ fn linux_dir() -> Option<PathBuf> {
 }
 
 fn boot(kernel: &str, cpus: u32, extra_cmdline: &str) -> Output {
+    boot_with(kernel, cpus, extra_cmdline, &[])
+}
+
+/// Boots the guest with more `veil run` arguments (devices, DMA modes).
+fn boot_with(kernel: &str, cpus: u32, extra_cmdline: &str, extra_args: &[&str]) -> Output {
     let dir = linux_dir().expect("checked by the caller");
     let kernel = dir.join(kernel);
     let initrd = dir.join("initramfs.cpio");
     let cmdline = format!("{CMDLINE} {extra_cmdline}");
     let cpus = cpus.to_string();
-    let out = run_veil(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            cmdline.trim(),
-            "--memory",
-            "256M",
-            "--cpus",
-            &cpus,
-            "--timeout",
-            "420",
-            "--cpuid-hide",
-            CPUID_HIDE,
-        ],
-        LIMIT,
-    );
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        cmdline.trim(),
+        "--memory",
+        "256M",
+        "--cpus",
+        &cpus,
+        "--timeout",
+        "420",
+        "--cpuid-hide",
+        CPUID_HIDE,
+    ];
+    args.extend_from_slice(extra_args);
+    let out = run_veil(&args, LIMIT);
     eprintln!(
-        "{kernel:?} with {cpus} vCPU(s): {:.1} s to power-off, exit {:?}",
+        "{kernel:?} with {cpus} vCPU(s) {extra_args:?}: {:.1} s to power-off, exit {:?}",
         out.elapsed.as_secs_f64(),
         out.code
     );

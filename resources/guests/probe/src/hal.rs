@@ -51,10 +51,10 @@ pub enum DmaPolicy {
     /// Each buffer is mapped at a fresh IOVA for one request and unmapped
     /// when it completes; only the pool (virtqueues) stays mapped.
     Strict = 2,
-    /// No vIOMMU: devices get guest-physical addresses, but every buffer,
-    /// wherever it is, is copied through pool pages (Linux's
-    /// `swiotlb=force`). Once the guest is secure only the pool is shared,
-    /// so this is how a device still reaches the driver's data.
+    /// Guest-physical addresses, but every buffer outside the pool is
+    /// bounced through pool pages (swiotlb-style): devices need reach
+    /// nothing but the pool, which is what a guest that shares only its
+    /// pool after ESM needs without a vIOMMU.
     Bounce = 3,
 }
 
@@ -87,9 +87,9 @@ impl DmaPolicy {
         matches!(self, DmaPolicy::Lazy | DmaPolicy::Strict)
     }
 
-    /// Whether buffers are copied through the pool, which then needs room
-    /// for a whole workload's buffers beside the virtqueues.
-    pub fn bounces_through_pool(self) -> bool {
+    /// Whether devices reach nothing but the pool: what lets the probe
+    /// share only its pool after ESM.
+    pub fn pool_only(self) -> bool {
         matches!(self, DmaPolicy::Lazy | DmaPolicy::Bounce)
     }
 
@@ -105,10 +105,8 @@ impl DmaPolicy {
         let len = buffer.len();
         match self {
             DmaPolicy::Identity => addr,
-            // Even a pool buffer is copied: the point is to test the copy.
-            DmaPolicy::Bounce => bounce_in(addr, len, direction),
-            DmaPolicy::Lazy if pool::contains(addr, len) => addr,
-            DmaPolicy::Lazy => bounce_in(addr, len, direction),
+            DmaPolicy::Lazy | DmaPolicy::Bounce if pool::contains(addr, len) => addr,
+            DmaPolicy::Lazy | DmaPolicy::Bounce => bounce_in(addr, len, direction),
             DmaPolicy::Strict => {
                 let first = addr & !(PAGE - 1);
                 let span = (addr + len as u64).next_multiple_of(PAGE) - first;
@@ -127,9 +125,8 @@ impl DmaPolicy {
         let len = buffer.len();
         match self {
             DmaPolicy::Identity => {}
-            DmaPolicy::Bounce => bounce_out(paddr, addr, len, direction),
-            DmaPolicy::Lazy if paddr == addr => {}
-            DmaPolicy::Lazy => bounce_out(paddr, addr, len, direction),
+            DmaPolicy::Lazy | DmaPolicy::Bounce if paddr == addr => {}
+            DmaPolicy::Lazy | DmaPolicy::Bounce => bounce_out(paddr, addr, len, direction),
             DmaPolicy::Strict => {
                 let first = paddr & !(PAGE - 1);
                 let span = (paddr + len as u64).next_multiple_of(PAGE) - first;
@@ -154,7 +151,7 @@ fn bounce_in(addr: u64, len: usize, direction: BufferDirection) -> u64 {
     let pages = len.div_ceil(PAGE_SIZE);
     // share() cannot fail in virtio-drivers' Hal: running out of pool is a
     // sizing bug, and the panic line says where.
-    let b = pool::alloc(pages).expect("DMA bounce: the pool has no room to bounce through");
+    let b = pool::alloc(pages).expect("lazy DMA: the pool has no room to bounce through");
     if direction != BufferDirection::DeviceToDriver {
         // SAFETY: the Hal's caller gives a valid buffer of `len` bytes; the
         // bounce pages are ours and at least as long.
@@ -170,7 +167,7 @@ fn bounce_out(bounce: u64, addr: u64, len: usize, direction: BufferDirection) {
         unsafe { core::ptr::copy_nonoverlapping(bounce as *const u8, addr as *mut u8, len) };
     }
     if !pool::free(bounce, len.div_ceil(PAGE_SIZE)) {
-        panic!("DMA bounce: unshare of an address that was not bounced");
+        panic!("lazy DMA: unshare of an address that was not bounced");
     }
 }
 
@@ -191,15 +188,12 @@ pub fn chosen() -> DmaPolicy {
         .unwrap_or(DmaPolicy::Identity)
 }
 
-/// The policy for the device being driven: the chosen one if it goes
-/// through the vIOMMU; bounce, which needs no vIOMMU, for every device;
-/// else identity.
+/// The policy for the device being driven: a translating one only if it
+/// goes through the vIOMMU (else identity); the others as chosen.
 pub fn policy() -> DmaPolicy {
-    let chosen = chosen();
-    if TRANSLATED.load(Ordering::Relaxed) || chosen == DmaPolicy::Bounce {
-        chosen
-    } else {
-        DmaPolicy::Identity
+    match chosen() {
+        p if p.translates() && !TRANSLATED.load(Ordering::Relaxed) => DmaPolicy::Identity,
+        p => p,
     }
 }
 
@@ -333,20 +327,9 @@ unsafe impl Hal for Untranslated {
         NonNull::new(paddr as *mut u8).expect("MMIO at physical address 0")
     }
 
-    unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
-        let addr = buffer.as_ptr() as *mut u8 as u64;
-        // Once secure, its requests (on the stack) are private: copy them
-        // into the shared pool, still at identity addresses.
-        if crate::secure::is_secure() && !pool::contains(addr, buffer.len()) {
-            return bounce_in(addr, buffer.len(), direction);
-        }
-        addr
+    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
+        buffer.as_ptr() as *mut u8 as u64
     }
 
-    unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
-        let addr = buffer.as_ptr() as *mut u8 as u64;
-        if paddr != addr {
-            bounce_out(paddr, addr, buffer.len(), direction);
-        }
-    }
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
 }

@@ -25,6 +25,7 @@ use super::blk::{max_depth, Blk, Engine};
 use super::net::{Rig, TX_SLOTS};
 use super::{init_failed, iommu, Device, DmaMark, Name, Settings};
 use crate::bootinfo::param;
+use crate::hal::{self, DmaPolicy};
 use crate::serial::Line;
 use crate::time::{rdtsc, tsc_hz};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -97,6 +98,8 @@ fn report(case: &str, name: Name, hz: u64, o: Outcome) -> bool {
     line = line.dec("notifies", o.notifies);
     if iommu::present() {
         line = o.dma.tag(line);
+    } else if hal::chosen() == DmaPolicy::Bounce {
+        line = o.dma.tag_bounces(line);
     }
     match o.result {
         Ok(()) => {

@@ -1,5 +1,5 @@
 //! What the DMA policies cost a stretch of work: vIOMMU requests the probe
-//! sent and the lazy and bounce policies' bounces, counted from a mark to now.
+//! sent and the lazy policy's bounces, counted from a mark to now.
 
 use super::iommu;
 use crate::hal;
@@ -27,11 +27,6 @@ impl DmaMark {
         }
     }
 
-    /// Bounces since `self` (the bounce policy's only cost: no vIOMMU).
-    pub fn bounces_since(self) -> u64 {
-        hal::counts().bounces - self.bounces
-    }
-
     /// ` iommu_maps=N iommu_unmaps=M bounces=B`: what happened since `self`.
     pub fn tag(self, line: Line) -> Line {
         let now = DmaMark::now();
@@ -43,5 +38,10 @@ impl DmaMark {
             0 => line,
             n => line.dec("map_failures", n),
         }
+    }
+
+    /// ` bounces=B`: the bounce policy's copies since `self`.
+    pub fn tag_bounces(self, line: Line) -> Line {
+        line.dec("bounces", DmaMark::now().bounces - self.bounces)
     }
 }

@@ -23,6 +23,7 @@ pub mod iommu;
 mod mark;
 pub mod net;
 mod rng;
+mod secure;
 pub mod secure_checks;
 mod transport;
 
@@ -49,9 +50,9 @@ const MIB: u64 = 1 << 20;
 /// DMA pool: virtqueues (and bounce buffers, with the lazy and bounce
 /// policies).
 const POOL_SIZE: u64 = 2 * MIB;
-/// The lazy policy also keeps the workloads' buffers in the pool, and the
-/// bounce policy copies all of them through it: the pool then grows by the
-/// heap's size, up to what the pool can hold.
+/// Where every device access stays in the pool (lazy: the workloads'
+/// buffers live there; bounce: they are copied there), the pool grows by
+/// the heap's size, up to what it can hold.
 const POOL_MAX: u64 = 32 * MIB;
 /// The heap takes a quarter of the free RAM, within these bounds.
 const HEAP_MIN: u64 = 4 * MIB;
@@ -147,10 +148,7 @@ pub fn annotate(line: Line, stats: &Stats) -> Line {
             .hex("endpoint", u64::from(stats.endpoint.get().unwrap_or(0)));
         line = stats.mark.get().tag(line);
     } else if hal::chosen() == DmaPolicy::Bounce {
-        // No vIOMMU, but the copies are still worth counting.
-        line = line
-            .text("dma", b"bounce")
-            .dec("bounces", stats.mark.get().bounces_since());
+        line = stats.mark.get().tag_bounces(line);
     }
     if stats.ready_stuck.get() {
         line = line.word("quirk=ready_stuck");
@@ -269,7 +267,7 @@ fn free_ram(info: &BootInfo, limit: u64) -> u64 {
 fn reserve(info: &BootInfo, acpi: &Acpi) -> Option<(u64, u64)> {
     let limit = boot::mapped_end();
     let heap_size = (free_ram(info, limit) / 4).clamp(HEAP_MIN, HEAP_MAX) & !(MIB - 1);
-    let pool_size = if hal::chosen().bounces_through_pool() {
+    let pool_size = if hal::chosen().pool_only() {
         (POOL_SIZE + heap_size).min(POOL_MAX)
     } else {
         POOL_SIZE
@@ -339,6 +337,9 @@ fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
         return None;
     }
     let (pool, heap_base) = reserve(info, acpi)?;
+    if !secure::enter(info.cmdline) {
+        return None;
+    }
     let (mut found, broken) = discover::discover(info.cmdline, acpi.ecam, boot::mapped_end());
     // The vIOMMU is not one of the devices the workloads drive: it counts
     // (its own line follows), but it is set up here, before the others.
@@ -442,11 +443,6 @@ pub fn run(info: &BootInfo, acpi: &Acpi) -> bool {
     let Some((devs, mut ok)) = devices(info, acpi) else {
         return false;
     };
-    // After ESM only the pool is shared: the workloads that follow show
-    // whether the DMA policy keeps every device access inside it.
-    if crate::secure::wanted(info.cmdline) {
-        ok &= crate::secure::enter();
-    }
     let settings = settings(info);
     for dev in devs {
         ok &= match dev.name.kind {
@@ -474,11 +470,6 @@ pub fn bench(info: &BootInfo) -> bool {
     let Some((devs, _)) = devices(info, &acpi) else {
         return false;
     };
-    // As in `run`: ESM before the first case, so that every case measures
-    // the secure setup.
-    if crate::secure::wanted(info.cmdline) && !crate::secure::enter() {
-        return false;
-    }
     bench::run(devs, &settings(info))
 }
 

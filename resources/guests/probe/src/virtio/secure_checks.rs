@@ -142,7 +142,7 @@ fn write_verify(c: &mut Checks, name: &str, blk: &mut Blk, hdr: &mut Hdr, seed: 
         .emit();
 }
 
-fn first_of<'a>(devs: &'a mut Vec<Device>, kind: &str) -> Option<Device> {
+fn first_of(devs: &mut Vec<Device>, kind: &str) -> Option<Device> {
     let i = devs.iter().position(|d| d.name.kind == kind)?;
     Some(devs.remove(i))
 }

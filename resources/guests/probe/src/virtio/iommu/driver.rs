@@ -5,11 +5,13 @@
 //! virtio-drivers has no virtio-iommu driver, but its `VirtQueue` and
 //! transports fit: the queues run over `hal::Untranslated`, because the
 //! vIOMMU's own DMA is not translated and sharing a buffer with it must not
-//! send it a request.
+//! send it a request. Everything the device reads or writes (rings, event
+//! buffers, the request being answered) is in the DMA pool, so that it
+//! still works when the pool is all the probe shares (`probe.secure=1`).
 
-use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use core::hint::spin_loop;
+use core::slice;
 
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, Transport};
@@ -17,7 +19,7 @@ use virtio_drivers::transport::{DeviceStatus, Transport};
 use super::super::transport::Probed;
 use super::super::{error_name, TIMEOUT};
 use super::wire::{self, Fault, FAULT_LEN, TAIL_LEN};
-use crate::hal::Untranslated;
+use crate::hal::{self, Untranslated};
 use crate::time::rdtsc;
 
 /// Feature bits (virtio 1.2 §5.13.3; §6 for VERSION_1).
@@ -35,6 +37,14 @@ const REQUEST_QUEUE: usize = 8;
 const EVENT_QUEUE: usize = 16;
 /// Largest PROBE answer read.
 const PROBE_MAX: usize = 512;
+/// The driver's pool page: event buffers, then one request at a time (its
+/// device-readable bytes, tail and PROBE properties).
+const EVENTS_AT: usize = 0;
+const REQUEST_AT: usize = 512;
+const REQUEST_MAX: usize = 128;
+const TAIL_AT: usize = REQUEST_AT + REQUEST_MAX;
+const PROPS_AT: usize = 1024;
+const _: () = assert!(EVENT_QUEUE * FAULT_LEN <= REQUEST_AT && PROPS_AT + PROBE_MAX <= 4096);
 
 /// `struct virtio_iommu_config`, as read at start-up.
 #[derive(Clone, Copy, Default)]
@@ -64,7 +74,9 @@ pub struct Driver {
     transport: Probed,
     requests: VirtQueue<Untranslated, REQUEST_QUEUE>,
     events: VirtQueue<Untranslated, EVENT_QUEUE>,
-    event_bufs: Box<[[u8; FAULT_LEN]; EVENT_QUEUE]>,
+    /// The pool page laid out above; the driver's for good (it lives in a
+    /// static).
+    page: u64,
     /// Event buffer by token (descriptor index).
     event_slot: [u8; EVENT_QUEUE],
     pub features: u64,
@@ -112,6 +124,7 @@ impl Driver {
             return Err("features_refused");
         }
         let config = read_config(&transport)?;
+        let page = hal::pool_alloc(1).ok_or("no_pool_page")?;
         let mut requests = VirtQueue::new(&mut transport, 0, false, false).map_err(|e| error_name(&e))?;
         let mut events = VirtQueue::new(&mut transport, 1, false, false).map_err(|e| error_name(&e))?;
         // The probe polls with interrupts off: an interrupt per answer
@@ -123,7 +136,7 @@ impl Driver {
             transport,
             requests,
             events,
-            event_bufs: Box::new([[0; FAULT_LEN]; EVENT_QUEUE]),
+            page,
             event_slot: [0; EVENT_QUEUE],
             features,
             config,
@@ -153,11 +166,22 @@ impl Driver {
         ok && self.config.bypass == u8::from(on)
     }
 
+    /// Bytes `at..at + len` of the driver's page.
+    ///
+    /// # Safety
+    /// No other slice of those bytes may be in use at the same time.
+    unsafe fn bytes(&self, at: usize, len: usize) -> &'static mut [u8] {
+        slice::from_raw_parts_mut((self.page as usize + at) as *mut u8, len)
+    }
+
     fn post_event(&mut self, slot: usize) -> Result<(), &'static str> {
-        // SAFETY: the buffer lives in `event_bufs` (boxed: it never moves)
-        // and is only read after the device gives its token back.
-        let token =
-            unsafe { self.events.add(&[], &mut [&mut self.event_bufs[slot][..]]) }.map_err(|e| error_name(&e))?;
+        // SAFETY: event buffer `slot` is free: never posted, or its report
+        // was just read.
+        let buf = unsafe { self.bytes(EVENTS_AT + slot * FAULT_LEN, FAULT_LEN) };
+        buf.fill(0);
+        // SAFETY: the page is the driver's for good; the buffer is only
+        // read again once the device gives its token back.
+        let token = unsafe { self.events.add(&[], &mut [buf]) }.map_err(|e| error_name(&e))?;
         *self.event_slot.get_mut(token as usize).ok_or("bad_event_token")? = slot as u8;
         Ok(())
     }
@@ -171,13 +195,17 @@ impl Driver {
                 break;
             };
             let slot = slot as usize;
-            // SAFETY: the buffer `post_event` gave with this token.
-            let len = unsafe { self.events.pop_used(token, &[], &mut [&mut self.event_bufs[slot][..]]) };
+            // SAFETY: the buffer `post_event` gave with this token, which
+            // the device gave back.
+            let buf = unsafe { self.bytes(EVENTS_AT + slot * FAULT_LEN, FAULT_LEN) };
+            // SAFETY: as above.
+            let len = unsafe { self.events.pop_used(token, &[], &mut [&mut buf[..]]) };
             if matches!(len, Ok(n) if n as usize >= FAULT_LEN) {
-                self.faults.push_back(wire::parse_fault(&self.event_bufs[slot]));
+                let mut report = [0u8; FAULT_LEN];
+                report.copy_from_slice(buf);
+                self.faults.push_back(wire::parse_fault(&report));
                 self.faults_seen += 1;
             }
-            self.event_bufs[slot] = [0; FAULT_LEN];
             if self.post_event(slot).is_ok() {
                 reposted = true;
             }
@@ -196,21 +224,33 @@ impl Driver {
     /// Sends one request and waits for its answer; returns the status.
     /// `props` (PROBE only) receives the properties.
     fn exchange(&mut self, req: &[u8], props: Option<&mut [u8]>) -> Result<u8, &'static str> {
-        let mut tail = [0xffu8; TAIL_LEN];
-        let mut outs: [&mut [u8]; 2];
-        let outs: &mut [&mut [u8]] = match props {
-            Some(p) => {
-                outs = [p, &mut tail[..]];
-                &mut outs[..]
-            }
-            None => {
-                outs = [&mut [], &mut tail[..]];
-                &mut outs[1..]
-            }
+        let props_len = props.as_ref().map_or(0, |p| p.len().min(PROBE_MAX));
+        if req.len() > REQUEST_MAX {
+            return Err("request_too_long");
+        }
+        // SAFETY: one request at a time, and these three ranges of the page
+        // are apart from each other and from the event buffers.
+        let (staged, tail, answer) = unsafe {
+            (
+                self.bytes(REQUEST_AT, req.len()),
+                self.bytes(TAIL_AT, TAIL_LEN),
+                self.bytes(PROPS_AT, props_len),
+            )
         };
-        let ins = [req];
-        // SAFETY: `req` and `outs` outlive the wait below, which pops this
-        // token before returning (or gives up on the device for good).
+        staged.copy_from_slice(req);
+        tail.fill(0xff);
+        let mut both: [&mut [u8]; 2];
+        let mut just_tail: [&mut [u8]; 1];
+        let outs: &mut [&mut [u8]] = if props_len > 0 {
+            both = [answer, tail];
+            &mut both
+        } else {
+            just_tail = [tail];
+            &mut just_tail
+        };
+        let ins = [&staged[..]];
+        // SAFETY: the staged bytes stay in the page until the wait below
+        // pops this token (or gives up on the device for good).
         let token = unsafe { self.requests.add(&ins, outs) }.map_err(|e| error_name(&e))?;
         if self.requests.should_notify() {
             self.transport.notify(0);
@@ -218,8 +258,8 @@ impl Driver {
         let start = rdtsc();
         while self.requests.peek_used() != Some(token) {
             if rdtsc() - start > TIMEOUT {
-                // The buffers are on this stack frame: the device must not
-                // write them later, so stop it.
+                // Stop the device rather than let it answer into the page
+                // a request nobody waits for any more.
                 self.transport.set_status(DeviceStatus::FAILED);
                 self.transport.set_status(DeviceStatus::empty());
                 panic!("virtio-iommu: no answer to a request");
@@ -228,7 +268,12 @@ impl Driver {
         }
         // SAFETY: the same buffers `add` was given with this token.
         unsafe { self.requests.pop_used(token, &ins, outs) }.map_err(|e| error_name(&e))?;
-        let status = tail[0];
+        // SAFETY: the device is done with the tail and the properties.
+        let status = unsafe { self.bytes(TAIL_AT, 1)[0] };
+        if let Some(p) = props {
+            // SAFETY: as above.
+            p[..props_len].copy_from_slice(unsafe { self.bytes(PROPS_AT, props_len) });
+        }
         if status != wire::S_OK {
             self.sent.refused += 1;
         }
