@@ -28,6 +28,7 @@ mod heap;
 mod hostile;
 mod mem;
 mod memtest;
+mod secure;
 mod serial;
 mod smp;
 mod time;
@@ -54,6 +55,7 @@ const MODES: &[(&str, Workload)] = &[
     ("bench", virtio::bench),
     ("iommu_fault", virtio::faults::run),
     ("ultracall", ultracall_checks::run),
+    ("secure", virtio::secure_checks::run),
 ];
 
 /// The BSP at CPL3, from `_start` (boot.rs).

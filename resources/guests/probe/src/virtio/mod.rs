@@ -21,9 +21,10 @@ mod discover;
 pub mod faults;
 pub mod iommu;
 mod mark;
-mod net;
+pub mod net;
 mod rng;
 mod secure;
+pub mod secure_checks;
 mod transport;
 
 use alloc::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};

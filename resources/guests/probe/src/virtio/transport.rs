@@ -200,7 +200,12 @@ impl Transport for Probed {
     }
 
     fn read_device_features(&mut self) -> u64 {
-        let f = each!(&mut self.inner, t => t.read_device_features());
+        let mut f = each!(&mut self.inner, t => t.read_device_features());
+        // virtio-drivers puts indirect tables on the heap; checks that keep
+        // the heap private must keep whole chains in the shared ring.
+        if crate::secure::direct_only() {
+            f &= !F_INDIRECT_DESC;
+        }
         self.stats.offered.set(f);
         f
     }
