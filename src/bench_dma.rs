@@ -162,8 +162,9 @@ pub fn run(args: &DmaBenchArgs) -> ExitCode {
         args.qd, args.mib, args.frames
     );
     print_rows(&rows);
-    if !args.esm_memory.is_empty() {
-        if let Err(e) = print_esm(&veil, &args.esm_memory) {
+    let sizes: Vec<String> = args.esm_memory.iter().filter(|s| !s.is_empty()).cloned().collect();
+    if !sizes.is_empty() {
+        if let Err(e) = print_esm(&veil, &sizes) {
             eprintln!("veil: error: {e}");
             return ExitCode::from(70);
         }

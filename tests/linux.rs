@@ -189,9 +189,7 @@ fn linux_drives_virtio_over_pci() {
 /// A raw 8 MiB disk for the secure scenarios (they write at 1 and 4 MiB).
 fn raw_disk(name: &str) -> PathBuf {
     let image = scratch(&format!("{name}.img"));
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(8 << 20))
-        .unwrap();
+    std::fs::File::create(&image).and_then(|f| f.set_len(8 << 20)).unwrap();
     image
 }
 
@@ -205,7 +203,14 @@ fn secure_run_with(name: &str, words: &str, expect: &str, dma: &str, extra: &[&s
     let disk = raw_disk(name);
     let metrics = scratch(&format!("{name}-metrics.json"));
     let disk_arg = format!("path={}", disk.display());
-    let mut args = vec!["--dma", dma, "--disk", &disk_arg, "--metrics", metrics.to_str().unwrap()];
+    let mut args = vec![
+        "--dma",
+        dma,
+        "--disk",
+        &disk_arg,
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let cmdline = format!("quiet {words} veil.expect={expect} veil.io_limit=60");
     let out = boot_with("vmlinux", 1, &cmdline, &args);
@@ -229,7 +234,11 @@ fn linux_secure_with_platform_dma_keeps_its_disk_working() {
     }
     let (out, m) = secure_run("secure-platform", "secure", "ok", "platform", &[]);
     assert_booted(&out);
-    for line in ["VEIL-CHECK pre-secure io ok", "VEIL-QUERY secure=1", "VEIL-CHECK secure io ok"] {
+    for line in [
+        "VEIL-CHECK pre-secure io ok",
+        "VEIL-QUERY secure=1",
+        "VEIL-CHECK secure io ok",
+    ] {
         assert!(out.stdout.contains(line), "no {line}:\n{}", out.stdout);
     }
     assert_eq!(m["secure"]["secure"], true, "{m}");
@@ -246,9 +255,17 @@ fn linux_secure_with_bypass_dma_fails_safely() {
     }
     let (out, m) = secure_run("secure-bypass", "secure", "fail", "bypass", &[]);
     assert_booted(&out);
-    assert!(out.stdout.contains("VEIL-CHECK secure io failed as expected"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("VEIL-CHECK secure io failed as expected"),
+        "{}",
+        out.stdout
+    );
     assert!(blk_counter(&m, "dma_private_denied") > 0, "{m}");
-    assert!(out.stderr.contains("private page"), "veil logs the refusals:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains("private page"),
+        "veil logs the refusals:\n{}",
+        out.stderr
+    );
 }
 
 /// `--dma auto`: veil asks for a reset at ESM; whatever Linux does about it
@@ -261,7 +278,10 @@ fn linux_secure_with_auto_dma_is_recorded() {
     let (out, m) = secure_run("secure-auto", "secure_auto", "ok", "auto", &[]);
     assert_booted(&out);
     assert!(out.stdout.contains("VEIL-AUTO secure ok"), "{}", out.stdout);
-    assert!(blk_counter(&m, "needs_reset") >= 1, "veil raised DEVICE_NEEDS_RESET: {m}");
+    assert!(
+        blk_counter(&m, "needs_reset") >= 1,
+        "veil raised DEVICE_NEEDS_RESET: {m}"
+    );
     for line in out.stdout.lines().filter(|l| l.starts_with("VEIL-AUTO")) {
         eprintln!("recorded: {line}");
     }
@@ -285,5 +305,8 @@ fn linux_reads_and_writes_its_disk_through_virtio_iommu() {
     assert!(iommu["iommu_attaches"].as_u64().unwrap() >= 1, "{m}");
     assert!(iommu["iommu_maps"].as_u64().unwrap() > 0, "{m}");
     assert!(iommu["iommu_unmaps"].as_u64().unwrap() > 0, "{m}");
-    assert!(blk_counter(&m, "bytes_read") >= 1 << 20, "the device read the 1 MiB pattern: {m}");
+    assert!(
+        blk_counter(&m, "bytes_read") >= 1 << 20,
+        "the device read the 1 MiB pattern: {m}"
+    );
 }
