@@ -26,13 +26,19 @@ pub struct Snapshot {
     pub exits: u64,
     pub vmm_cpu_ns: u64,
     pub vcpu_cpu_ns: u64,
+    /// The vIOMMU's MAP and UNMAP requests, when there is one.
+    pub iommu_maps: u64,
+    pub iommu_unmaps: u64,
 }
 
 impl Snapshot {
     pub fn from_metrics(json: &Value) -> Snapshot {
         let num = |v: &Value| v.as_u64().unwrap_or(0);
+        let iommu = &json["devices"]["iommu0"]["counters"];
         let mut s = Snapshot {
             exits: num(&json["exits_pio"]) + num(&json["exits_mmio"]),
+            iommu_maps: num(&iommu["iommu_maps"]),
+            iommu_unmaps: num(&iommu["iommu_unmaps"]),
             ..Default::default()
         };
         if let Some(threads) = json["thread_cpu_ns"].as_object() {
@@ -59,6 +65,8 @@ pub struct CaseResult {
     pub exits: u64,
     pub vmm_cpu_ns: u64,
     pub vcpu_cpu_ns: u64,
+    pub iommu_maps: u64,
+    pub iommu_unmaps: u64,
 }
 
 impl CaseResult {
@@ -98,20 +106,45 @@ fn snapshot(pid: u32, metrics: &Path) -> Result<Snapshot, String> {
     Err("veil did not write its metrics on SIGUSR1".into())
 }
 
-fn run_transport(veil: &Path, kind: Kind, args: &DeviceBenchArgs, transport: &str) -> Result<Vec<CaseResult>, String> {
+/// How veil and the guest are set up for a run, beyond the workload.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// Flags for `veil run` (DMA mode, vIOMMU).
+    pub veil_flags: Vec<String>,
+    /// Words for the guest's command line (its DMA policy).
+    pub probe_params: String,
+}
+
+impl Setup {
+    pub fn dma(mode: &str) -> Setup {
+        Setup {
+            veil_flags: vec!["--dma".into(), mode.into()],
+            probe_params: String::new(),
+        }
+    }
+}
+
+pub fn run_transport(
+    veil: &Path,
+    kind: Kind,
+    args: &DeviceBenchArgs,
+    transport: &str,
+    setup: &Setup,
+) -> Result<Vec<CaseResult>, String> {
     let dir = std::env::temp_dir().join(format!("veil-bench-{}-{transport}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let metrics: PathBuf = dir.join("metrics.json");
     let mut cmd = Command::new(veil);
     let cmdline = format!(
-        "probe.mode=bench probe.bench={} probe.bench_mib={} probe.qd={} probe.net_frames={} probe.bench_pause_ms=30",
+        "probe.mode=bench probe.bench={} probe.bench_mib={} probe.qd={} probe.net_frames={} probe.bench_pause_ms=30 {}",
         match kind {
             Kind::Blk => "blk",
             Kind::Net => "net",
         },
         args.mib,
         args.qd,
-        args.frames
+        args.frames,
+        setup.probe_params
     );
     cmd.args([
         "run",
@@ -119,13 +152,12 @@ fn run_transport(veil: &Path, kind: Kind, args: &DeviceBenchArgs, transport: &st
         "512M",
         "--timeout",
         "600",
-        "--dma",
-        &args.dma,
         "--cmdline",
         &cmdline,
         "--metrics",
     ])
-    .arg(&metrics);
+    .arg(&metrics)
+    .args(&setup.veil_flags);
     match kind {
         Kind::Blk => {
             let image = dir.join("disk.img");
@@ -188,6 +220,8 @@ fn run_transport(veil: &Path, kind: Kind, args: &DeviceBenchArgs, transport: &st
                 exits: e.exits.saturating_sub(b.exits).saturating_sub(end_marker_exits),
                 vmm_cpu_ns: e.vmm_cpu_ns.saturating_sub(b.vmm_cpu_ns),
                 vcpu_cpu_ns: e.vcpu_cpu_ns.saturating_sub(b.vcpu_cpu_ns),
+                iommu_maps: e.iommu_maps.saturating_sub(b.iommu_maps),
+                iommu_unmaps: e.iommu_unmaps.saturating_sub(b.iommu_unmaps),
             });
         }
     }
@@ -234,7 +268,7 @@ pub fn run(kind: Kind, args: &DeviceBenchArgs) -> ExitCode {
             eprintln!("veil: error: invalid --transport {transport}: expected mmio or pci");
             return ExitCode::from(64);
         }
-        match run_transport(&veil, kind, args, transport) {
+        match run_transport(&veil, kind, args, transport, &Setup::dma(&args.dma)) {
             Ok(mut r) => all.append(&mut r),
             Err(e) => {
                 eprintln!("veil: error: {e}");
@@ -266,7 +300,8 @@ mod tests {
             Snapshot {
                 exits: 15,
                 vmm_cpu_ns: 150,
-                vcpu_cpu_ns: 1007
+                vcpu_cpu_ns: 1007,
+                ..Default::default()
             }
         );
     }
@@ -282,6 +317,8 @@ mod tests {
             exits: 50,
             vmm_cpu_ns: 1_000_000,
             vcpu_cpu_ns: 0,
+            iommu_maps: 0,
+            iommu_unmaps: 0,
         };
         assert_eq!(r.mb_per_s(), 2000.0);
         assert_eq!(r.per_request(r.exits), 0.5);

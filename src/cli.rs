@@ -71,10 +71,13 @@ pub struct RunArgs {
     /// CPUID features to hide from the guest, comma separated (e.g. xsave,cx16).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub cpuid_hide: Option<Vec<String>>,
-    /// DMA mode of every virtio device: bypass (guest-physical addresses) or platform (VIRTIO_F_ACCESS_PLATFORM) [default: bypass].
+    /// DMA mode of every virtio device: bypass (guest-physical addresses), platform (VIRTIO_F_ACCESS_PLATFORM) or auto (bypass until the guest goes secure, then platform) [default: bypass].
     #[arg(long, value_name = "MODE")]
     pub dma: Option<String>,
-    /// A virtio-blk disk: path=FILE[,readonly=on][,transport=mmio|pci][,dma=bypass|platform][,insist=on]. Repeatable.
+    /// Add a virtio-iommu (on PCI, described by ACPI VIOT) that translates for every platform/auto device.
+    #[arg(long)]
+    pub iommu: bool,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,transport=mmio|pci][,dma=bypass|platform|auto][,insist=on]. Repeatable.
     #[arg(long, value_name = "OPTS")]
     pub disk: Vec<String>,
     /// A virtio-net NIC: tap=NAME or loopback, [,mac=52:54:..][,transport=..][,dma=..]. Repeatable.
@@ -113,6 +116,7 @@ impl RunArgs {
             timeout: self.timeout,
             cpuid_hide: self.cpuid_hide.clone(),
             dma: self.dma.clone(),
+            iommu: self.iommu.then_some(true),
             disk: non_empty(&self.disk),
             net: non_empty(&self.net),
             rng: non_empty(&self.rng),
@@ -151,6 +155,8 @@ pub enum BenchCommand {
     Blk(DeviceBenchArgs),
     /// virtio-net frames per second and MB/s through the loopback backend.
     Net(DeviceBenchArgs),
+    /// Block and net workloads in every DMA setup (bypass, platform, vIOMMU lazy/strict, secure), and ESM's cost.
+    Dma(DmaBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -190,4 +196,29 @@ pub struct DeviceBenchArgs {
     /// Frames per net case.
     #[arg(long, default_value_t = 20000)]
     pub frames: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DmaBenchArgs {
+    /// Workloads: blk, net, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "blk,net")]
+    pub kind: Vec<String>,
+    /// Transports to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "mmio,pci")]
+    pub transport: Vec<String>,
+    /// Only these setups (default: all), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub setup: Vec<String>,
+    /// MiB moved per block case.
+    #[arg(long, default_value_t = 16)]
+    pub mib: u64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 1)]
+    pub qd: u32,
+    /// Frames per net case.
+    #[arg(long, default_value_t = 5000)]
+    pub frames: u64,
+    /// Guest RAM sizes at which to measure ESM (none: skip), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
+    pub esm_memory: Vec<String>,
 }

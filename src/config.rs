@@ -66,6 +66,8 @@ pub struct VmConfig {
     pub cpuid_hide: Vec<String>,
     /// DMA mode of every device that does not choose its own.
     pub dma: DmaMode,
+    /// A virtio-iommu translates for the platform and auto devices.
+    pub iommu: bool,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub rngs: Vec<PlainConfig>,
@@ -100,6 +102,7 @@ pub struct ConfigFile {
     pub timeout: Option<f64>,
     pub cpuid_hide: Option<Vec<String>>,
     pub dma: Option<String>,
+    pub iommu: Option<bool>,
     pub disk: Option<Vec<String>>,
     pub net: Option<Vec<String>>,
     pub rng: Option<Vec<String>>,
@@ -177,6 +180,7 @@ pub fn resolve(file: ConfigFile, flags: ConfigFile) -> Result<VmConfig, String> 
             .map(|s| s.parse())
             .transpose()?
             .unwrap_or(DmaMode::Bypass),
+        iommu: flags.iommu.or(file.iommu).unwrap_or(false),
         disks: device_specs(flags.disk, file.disk)
             .iter()
             .map(|s| parse_disk(s))

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod bench_device;
+pub mod bench_dma;
 pub mod cli;
 pub mod config;
 pub mod devices_config;

@@ -100,6 +100,7 @@ fn main() -> ExitCode {
             BenchCommand::Boot(args) => veil::bench::boot(&args),
             BenchCommand::Blk(args) => veil::bench_device::run(veil::bench_device::Kind::Blk, &args),
             BenchCommand::Net(args) => veil::bench_device::run(veil::bench_device::Kind::Net, &args),
+            BenchCommand::Dma(args) => veil::bench_dma::run(&args),
         },
     }
 }

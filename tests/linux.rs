@@ -38,33 +38,37 @@ fn linux_dir() -> Option<PathBuf> {
 }
 
 fn boot(kernel: &str, cpus: u32, extra_cmdline: &str) -> Output {
+    boot_with(kernel, cpus, extra_cmdline, &[])
+}
+
+/// Boots the guest with more `veil run` arguments (devices, DMA modes).
+fn boot_with(kernel: &str, cpus: u32, extra_cmdline: &str, extra_args: &[&str]) -> Output {
     let dir = linux_dir().expect("checked by the caller");
     let kernel = dir.join(kernel);
     let initrd = dir.join("initramfs.cpio");
     let cmdline = format!("{CMDLINE} {extra_cmdline}");
     let cpus = cpus.to_string();
-    let out = run_veil(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            cmdline.trim(),
-            "--memory",
-            "256M",
-            "--cpus",
-            &cpus,
-            "--timeout",
-            "420",
-            "--cpuid-hide",
-            CPUID_HIDE,
-        ],
-        LIMIT,
-    );
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        cmdline.trim(),
+        "--memory",
+        "256M",
+        "--cpus",
+        &cpus,
+        "--timeout",
+        "420",
+        "--cpuid-hide",
+        CPUID_HIDE,
+    ];
+    args.extend_from_slice(extra_args);
+    let out = run_veil(&args, LIMIT);
     eprintln!(
-        "{kernel:?} with {cpus} vCPU(s): {:.1} s to power-off, exit {:?}",
+        "{kernel:?} with {cpus} vCPU(s) {extra_args:?}: {:.1} s to power-off, exit {:?}",
         out.elapsed.as_secs_f64(),
         out.code
     );
@@ -180,4 +184,133 @@ fn linux_drives_virtio_over_mmio() {
 #[test]
 fn linux_drives_virtio_over_pci() {
     linux_drives_virtio("pci");
+}
+
+/// A raw 8 MiB disk for the secure scenarios (they write at 1 and 4 MiB).
+fn raw_disk(name: &str) -> PathBuf {
+    let image = scratch(&format!("{name}.img"));
+    std::fs::File::create(&image).and_then(|f| f.set_len(8 << 20)).unwrap();
+    image
+}
+
+/// Runs init's `secure` or `secure_auto` scenario with `--dma <dma>`
+/// (plus `extra` veil arguments); returns the output and the metrics.
+fn secure_run(name: &str, scenario: &str, expect: &str, dma: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+    secure_run_with(name, &format!("swiotlb=force veil.test={scenario}"), expect, dma, extra)
+}
+
+fn secure_run_with(name: &str, words: &str, expect: &str, dma: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+    let disk = raw_disk(name);
+    let metrics = scratch(&format!("{name}-metrics.json"));
+    let disk_arg = format!("path={}", disk.display());
+    let mut args = vec![
+        "--dma",
+        dma,
+        "--disk",
+        &disk_arg,
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let cmdline = format!("quiet {words} veil.expect={expect} veil.io_limit=60");
+    let out = boot_with("vmlinux", 1, &cmdline, &args);
+    let json = std::fs::read_to_string(&metrics)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| panic!("no metrics:\n{}\n{}", out.stdout, out.stderr));
+    (out, json)
+}
+
+fn blk_counter(m: &serde_json::Value, name: &str) -> u64 {
+    m["devices"]["blk0"]["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// The motivating scenario: Linux goes secure at run time, shares only its
+/// swiotlb pool and rings, and keeps using its disk through bounce buffers.
+#[test]
+#[ignore = "written at the end of a session and not yet seen passing: run with --ignored"]
+fn linux_secure_with_platform_dma_keeps_its_disk_working() {
+    if linux_dir().is_none() {
+        return;
+    }
+    let (out, m) = secure_run("secure-platform", "secure", "ok", "platform", &[]);
+    assert_booted(&out);
+    for line in [
+        "VEIL-CHECK pre-secure io ok",
+        "VEIL-QUERY secure=1",
+        "VEIL-CHECK secure io ok",
+    ] {
+        assert!(out.stdout.contains(line), "no {line}:\n{}", out.stdout);
+    }
+    assert_eq!(m["secure"]["secure"], true, "{m}");
+    assert!(m["secure"]["shared_pages"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(blk_counter(&m, "dma_private_denied"), 0, "{m}");
+}
+
+/// The same guest with bypass DMA: its I/O after ESM uses private pages and
+/// fails, veil refuses every such access, keeps running and says so.
+#[test]
+#[ignore = "written at the end of a session and not yet seen passing: run with --ignored"]
+fn linux_secure_with_bypass_dma_fails_safely() {
+    if linux_dir().is_none() {
+        return;
+    }
+    let (out, m) = secure_run("secure-bypass", "secure", "fail", "bypass", &[]);
+    assert_booted(&out);
+    assert!(
+        out.stdout.contains("VEIL-CHECK secure io failed as expected"),
+        "{}",
+        out.stdout
+    );
+    assert!(blk_counter(&m, "dma_private_denied") > 0, "{m}");
+    assert!(
+        out.stderr.contains("private page"),
+        "veil logs the refusals:\n{}",
+        out.stderr
+    );
+}
+
+/// `--dma auto`: veil asks for a reset at ESM; whatever Linux does about it
+/// is recorded, and veil stays up with every private access refused.
+#[test]
+#[ignore = "written at the end of a session and not yet seen passing: run with --ignored"]
+fn linux_secure_with_auto_dma_is_recorded() {
+    if linux_dir().is_none() {
+        return;
+    }
+    let (out, m) = secure_run("secure-auto", "secure_auto", "ok", "auto", &[]);
+    assert_booted(&out);
+    assert!(out.stdout.contains("VEIL-AUTO secure ok"), "{}", out.stdout);
+    assert!(
+        blk_counter(&m, "needs_reset") >= 1,
+        "veil raised DEVICE_NEEDS_RESET: {m}"
+    );
+    for line in out.stdout.lines().filter(|l| l.starts_with("VEIL-AUTO")) {
+        eprintln!("recorded: {line}");
+    }
+}
+
+/// Linux's virtio-iommu driver attaches the disk's endpoint from the VIOT
+/// and writes and reads it through translated DMA (checked by the guest's
+/// read-back); veil's vIOMMU counted the maps and unmaps.
+#[test]
+#[ignore = "written at the end of a session and not yet seen passing: run with --ignored"]
+fn linux_reads_and_writes_its_disk_through_virtio_iommu() {
+    if linux_dir().is_none() {
+        return;
+    }
+    // The scenario's I/O before ESM is what is checked here. Without
+    // swiotlb=force Linux maps its page-cache pages through the vIOMMU, and
+    // those are private after ESM, so the I/O after it must fail.
+    let (out, m) = secure_run_with("iommu-rw", "veil.test=secure", "fail", "platform", &["--iommu"]);
+    assert_booted(&out);
+    assert!(out.stdout.contains("VEIL-CHECK pre-secure io ok"), "{}", out.stdout);
+    let iommu = &m["devices"]["iommu0"]["counters"];
+    assert!(iommu["iommu_attaches"].as_u64().unwrap() >= 1, "{m}");
+    assert!(iommu["iommu_maps"].as_u64().unwrap() > 0, "{m}");
+    assert!(iommu["iommu_unmaps"].as_u64().unwrap() > 0, "{m}");
+    assert!(
+        blk_counter(&m, "bytes_read") >= 1 << 20,
+        "the device read the 1 MiB pattern: {m}"
+    );
 }

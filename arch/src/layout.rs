@@ -60,6 +60,8 @@ pub const I8042_DATA_PORT: u16 = 0x60;
 pub const PCI_CONFIG_PORT: u64 = 0xcf8;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// Ultracalls (`in eax, 0xF5`): docs/ultracall.md.
+pub const ULTRACALL_PORT: u16 = 0xf5;
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 

@@ -8,11 +8,11 @@ use crate::error::{Error, Kind, Result};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use veil_arch::acpi::{PciEcam, VirtioMmioDevice};
+use veil_arch::acpi::{PciEcam, Viot, ViotIommu, ViotMmioEndpoint, ViotPciRange, VirtioMmioDevice};
 use veil_arch::layout::{
     DEVICE_GSIS, PCI_BAR_END, PCI_BAR_START, PCI_CONFIG_PORT, PCI_ECAM_START, VIRTIO_MMIO_END, VIRTIO_MMIO_START,
 };
-use veil_devices::dma::{direct_view, DmaMode};
+use veil_devices::dma::{translated_view, DmaMode, DmaTranslation, SharedPages};
 use veil_devices::legacy::SerialSink;
 use veil_devices::pci::bus::CONFIG_IO_SIZE;
 use veil_devices::pci::{
@@ -20,10 +20,11 @@ use veil_devices::pci::{
 };
 use veil_devices::virtio::block::Block;
 use veil_devices::virtio::console::Console;
+use veil_devices::virtio::iommu::Iommu;
 use veil_devices::virtio::mmio::{MmioInterrupt, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use veil_devices::virtio::net::{Net, NetBackend};
 use veil_devices::virtio::rng::Rng;
-use veil_devices::virtio::transport::VirtioState;
+use veil_devices::virtio::transport::{DmaViews, VirtioState};
 use veil_devices::virtio::{DeviceMetrics, VirtioDevice};
 use veil_devices::Bus;
 use vm_memory::GuestMemoryMmap;
@@ -35,7 +36,27 @@ pub struct AttachedDevice {
     pub transport: Transport,
     pub dma: DmaMode,
     pub metrics: Arc<DeviceMetrics>,
+    /// Its identity translation and, behind a vIOMMU, its endpoint.
+    translations: Vec<Arc<DmaTranslation>>,
 }
+
+/// How one device will reach guest memory.
+pub struct DeviceDma {
+    pub mode: DmaMode,
+    /// Refuse drivers that do not accept ACCESS_PLATFORM.
+    pub insist: bool,
+    /// Its vIOMMU endpoint and the ID the guest knows it by.
+    pub endpoint: Option<(u32, Arc<DmaTranslation>)>,
+}
+
+/// Endpoint ID of the virtio-mmio device in window `n` (PCI functions use
+/// their BDF, which is below 0x10000).
+pub fn mmio_endpoint_id(n: u64) -> u32 {
+    0x1_0000 + n as u32
+}
+
+/// The virtio-iommu's own place: the first PCI slot, 00:01.0.
+const IOMMU_BDF: u16 = 1 << 3;
 
 /// Hands out MMIO windows and interrupt lines, and records what was placed.
 pub struct DeviceManager {
@@ -50,6 +71,10 @@ pub struct DeviceManager {
     pub acpi_mmio: Vec<VirtioMmioDevice>,
     /// `virtio_mmio.device=` entries for the kernel command line.
     pub cmdline_mmio: Vec<String>,
+    /// The VIOT table, when a vIOMMU is present.
+    pub viot: Option<Viot>,
+    host_view: GuestMemoryMmap,
+    shared: Arc<SharedPages>,
 }
 
 fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -57,8 +82,12 @@ fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
 }
 
 impl DeviceManager {
-    pub fn new() -> Self {
+    /// Devices will reach guest RAM through `host_view`, gated by `shared`.
+    pub fn new(host_view: GuestMemoryMmap, shared: Arc<SharedPages>) -> Self {
         Self {
+            viot: None,
+            host_view,
+            shared,
             next_mmio: VIRTIO_MMIO_START,
             free_gsis: DEVICE_GSIS.iter(),
             next_msi_gsi: FIRST_MSI_GSI,
@@ -82,10 +111,8 @@ impl DeviceManager {
         &mut self,
         vm: &VmFd,
         mmio_bus: &mut Bus,
-        host_view: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
-        dma: DmaMode,
-        insist: bool,
+        dma: DeviceDma,
     ) -> Result<()> {
         let base = self.next_mmio;
         if base + MMIO_WINDOW > VIRTIO_MMIO_END {
@@ -99,15 +126,18 @@ impl DeviceManager {
             .map_err(kvm("cannot register a device interrupt"))?;
         let interrupt = Arc::new(MmioInterrupt::new(irq));
         let metrics = Arc::new(DeviceMetrics::default());
-        let state = VirtioState::new(
-            device,
-            dma,
-            insist,
-            direct_view(host_view.clone()),
-            interrupt.clone(),
-            metrics.clone(),
-        )
-        .map_err(io)?;
+        let n = (base - VIRTIO_MMIO_START) / MMIO_WINDOW;
+        if let Some((id, _)) = &dma.endpoint {
+            if *id != mmio_endpoint_id(n) {
+                return Err(Error::new(
+                    Kind::Software,
+                    format!("{name}: endpoint {id:#x} is not its window's"),
+                ));
+            }
+        }
+        let (views, translations) = self.views(&name, &dma);
+        let (mode, insist) = (dma.mode, dma.insist);
+        let state = VirtioState::new(device, mode, insist, views, interrupt.clone(), metrics.clone()).map_err(io)?;
         for (queue, evt) in state.notify_events().iter().enumerate() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), queue as u32)
                 .map_err(kvm("cannot register a queue notification"))?;
@@ -116,18 +146,28 @@ impl DeviceManager {
         mmio_bus
             .insert(base, MMIO_WINDOW, transport)
             .map_err(|e| Error::new(Kind::Software, format!("device layout: {e}")))?;
-        log::info!("{name}: virtio-mmio at {base:#x}, IRQ {gsi}, DMA {dma:?}");
+        log::info!(
+            "{name}: virtio-mmio at {base:#x}, IRQ {gsi}, DMA {mode:?}{}",
+            describe_endpoint(&dma)
+        );
         self.acpi_mmio.push(VirtioMmioDevice {
             base,
             size: MMIO_WINDOW,
             irq: gsi,
         });
         self.cmdline_mmio.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        if let Some((endpoint, _)) = &dma.endpoint {
+            self.viot_mut()?.mmio_endpoints.push(ViotMmioEndpoint {
+                base,
+                endpoint: *endpoint,
+            });
+        }
         self.attached.push(AttachedDevice {
             name,
             transport: Transport::Mmio,
-            dma,
+            dma: mode,
             metrics,
+            translations,
         });
         self.next_mmio += MMIO_WINDOW;
         Ok(())
@@ -183,16 +223,13 @@ impl DeviceManager {
 
     /// Puts `device` on the PCI bus as a virtio-pci function with one MSI-X
     /// vector per queue plus one for configuration changes, and INTx.
-    #[allow(clippy::too_many_arguments)]
     pub fn attach_pci(
         &mut self,
         vm: &Arc<VmFd>,
         pio_bus: &mut Bus,
         mmio_bus: &mut Bus,
-        host_view: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
-        dma: DmaMode,
-        insist: bool,
+        dma: DeviceDma,
     ) -> Result<()> {
         let root = self.pci_root(pio_bus, mmio_bus)?;
         let router = self
@@ -216,15 +253,9 @@ impl DeviceManager {
         }
         let interrupt = Arc::new(VirtioPciInterrupt::new(vectors, router, intx));
         let metrics = Arc::new(DeviceMetrics::default());
-        let state = VirtioState::new(
-            device,
-            dma,
-            insist,
-            direct_view(host_view.clone()),
-            interrupt.clone(),
-            metrics.clone(),
-        )
-        .map_err(io)?;
+        let (views, translations) = self.views(&name, &dma);
+        let (mode, insist) = (dma.mode, dma.insist);
+        let state = VirtioState::new(device, mode, insist, views, interrupt.clone(), metrics.clone()).map_err(io)?;
         let ioevents: Arc<dyn IoEventRegistry> = Arc::new(KvmIoEvents(vm.clone()));
         let function = VirtioPciDevice::new(state, interrupt, intx_gsi as u8, Some(ioevents))
             .map_err(|e| Error::new(Kind::Software, format!("{name}: {e}")))?;
@@ -233,13 +264,93 @@ impl DeviceManager {
             .unwrap_or_else(|e| e.into_inner())
             .add_device(Box::new(function))
             .map_err(|e| Error::new(Kind::Usage, format!("{name}: {e}")))?;
-        log::info!("{name}: virtio-pci at 00:{slot:02x}.0, INTx GSI {intx_gsi}, DMA {dma:?}");
+        log::info!(
+            "{name}: virtio-pci at 00:{slot:02x}.0, INTx GSI {intx_gsi}, DMA {mode:?}{}",
+            describe_endpoint(&dma)
+        );
+        if let Some((endpoint, _)) = &dma.endpoint {
+            let bdf = u16::from(slot) << 3;
+            if *endpoint != u32::from(bdf) {
+                return Err(Error::new(
+                    Kind::Software,
+                    format!("{name}: endpoint {endpoint:#x} is not its BDF {bdf:#x}"),
+                ));
+            }
+            self.viot_mut()?.pci_ranges.push(ViotPciRange {
+                segment: 0,
+                bdf_start: bdf,
+                bdf_end: bdf,
+                endpoint_start: u32::from(bdf),
+            });
+        }
         self.attached.push(AttachedDevice {
             name,
             transport: Transport::Pci,
-            dma,
+            dma: mode,
             metrics,
+            translations,
         });
+        Ok(())
+    }
+
+    /// The views a device gets: guest-physical addresses always, IOVAs too
+    /// when it has a vIOMMU endpoint; both gated by the shared pages.
+    fn views(&self, name: &str, dma: &DeviceDma) -> (DmaViews, Vec<Arc<DmaTranslation>>) {
+        let identity = Arc::new(DmaTranslation::identity(&self.shared, name));
+        let mut translations = vec![identity.clone()];
+        let translated = dma.endpoint.as_ref().map(|(_, t)| {
+            translations.push(t.clone());
+            translated_view(self.host_view.clone(), t.clone())
+        });
+        let views = DmaViews {
+            direct: translated_view(self.host_view.clone(), identity),
+            translated,
+            shared: Some(self.shared.clone()),
+        };
+        (views, translations)
+    }
+
+    fn viot_mut(&mut self) -> Result<&mut Viot> {
+        self.viot
+            .as_mut()
+            .ok_or_else(|| Error::new(Kind::Software, "a vIOMMU endpoint without a vIOMMU"))
+    }
+
+    /// Puts a virtio-iommu on PCI at 00:01.0 that translates for
+    /// `endpoints`; call before any other PCI device is attached.
+    fn attach_iommu(
+        &mut self,
+        vm: &Arc<VmFd>,
+        pio_bus: &mut Bus,
+        mmio_bus: &mut Bus,
+        endpoints: Vec<(u32, Arc<DmaTranslation>)>,
+    ) -> Result<()> {
+        let count = endpoints.len();
+        // Detached endpoints reach nothing until the guest says otherwise.
+        let iommu = Iommu::new("iommu0", endpoints, false)
+            .map_err(|e| Error::new(Kind::Unavailable, format!("iommu0: {e}")))?;
+        self.viot = Some(Viot {
+            iommu: ViotIommu::Pci {
+                segment: 0,
+                bdf: IOMMU_BDF,
+            },
+            pci_ranges: Vec::new(),
+            mmio_endpoints: Vec::new(),
+        });
+        let dma = DeviceDma {
+            mode: DmaMode::Bypass,
+            insist: false,
+            endpoint: None,
+        };
+        self.attach_pci(vm, pio_bus, mmio_bus, Box::new(iommu), dma)?;
+        let placed = self.pci.as_ref().and_then(|root| {
+            let root = root.lock().unwrap_or_else(|e| e.into_inner());
+            root.device((IOMMU_BDF >> 3) as u8).map(|_| ())
+        });
+        if placed.is_none() {
+            return Err(Error::new(Kind::Software, "iommu0 did not get PCI slot 1"));
+        }
+        log::info!("iommu0: virtio-iommu at 00:01.0 for {count} endpoint(s)");
         Ok(())
     }
 
@@ -248,12 +359,15 @@ impl DeviceManager {
         self.attached
             .iter()
             .map(|d| {
-                let counters = d
+                let mut counters: BTreeMap<String, u64> = d
                     .metrics
                     .snapshot()
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v))
                     .collect();
+                let sum = |f: fn(&DmaTranslation) -> u64| d.translations.iter().map(|t| f(t)).sum();
+                counters.insert("dma_private_denied".into(), sum(DmaTranslation::private_denied));
+                counters.insert("dma_translation_faults".into(), sum(DmaTranslation::faults));
                 (
                     d.name.clone(),
                     DeviceReport {
@@ -289,6 +403,13 @@ fn open_disk(disk: &DiskConfig) -> Result<std::fs::File> {
         })
 }
 
+fn describe_endpoint(dma: &DeviceDma) -> String {
+    match &dma.endpoint {
+        Some((id, _)) => format!(", vIOMMU endpoint {id:#x}"),
+        None => String::new(),
+    }
+}
+
 /// Creates and attaches every device the configuration names.
 pub fn attach_configured(
     dm: &mut DeviceManager,
@@ -296,7 +417,6 @@ pub fn attach_configured(
     vm: &Arc<VmFd>,
     pio_bus: &mut Bus,
     mmio_bus: &mut Bus,
-    host_view: &GuestMemoryMmap,
 ) -> Result<()> {
     let mut devices: Vec<(Box<dyn VirtioDevice>, &Common)> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
@@ -340,11 +460,43 @@ pub fn attach_configured(
             &console.common,
         ));
     }
+    // With a vIOMMU, every device not in bypass gets an endpoint whose ID
+    // follows from where it will be placed: the vIOMMU takes PCI slot 1,
+    // the others take the next slots and MMIO windows in order.
+    let mut plans = Vec::new();
+    let mut endpoints = Vec::new();
+    let (mut next_slot, mut next_window) = (2u32, 0u64);
     for (device, common) in devices {
-        let dma = common.dma.unwrap_or(config.dma);
-        match common.transport {
-            Transport::Mmio => dm.attach_mmio(vm, mmio_bus, host_view, device, dma, common.insist)?,
-            Transport::Pci => dm.attach_pci(vm, pio_bus, mmio_bus, host_view, device, dma, common.insist)?,
+        let mode = common.dma.unwrap_or(config.dma);
+        let id = match common.transport {
+            Transport::Pci => {
+                next_slot += 1;
+                (next_slot - 1) << 3
+            }
+            Transport::Mmio => {
+                next_window += 1;
+                mmio_endpoint_id(next_window - 1)
+            }
+        };
+        let endpoint = (config.iommu && mode != DmaMode::Bypass).then(|| {
+            let t = Arc::new(DmaTranslation::gated_endpoint(&dm.shared, device.name()));
+            endpoints.push((id, t.clone()));
+            (id, t)
+        });
+        let dma = DeviceDma {
+            mode,
+            insist: common.insist,
+            endpoint,
+        };
+        plans.push((device, common.transport, dma));
+    }
+    if config.iommu {
+        dm.attach_iommu(vm, pio_bus, mmio_bus, endpoints)?;
+    }
+    for (device, transport, dma) in plans {
+        match transport {
+            Transport::Mmio => dm.attach_mmio(vm, mmio_bus, device, dma)?,
+            Transport::Pci => dm.attach_pci(vm, pio_bus, mmio_bus, device, dma)?,
         }
     }
     Ok(())

@@ -10,12 +10,54 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use veil_arch::layout::ram_ranges;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use veil_devices::dma::{HostProtection, SharedPages};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
 
 pub struct GuestRam {
     pub kvm_view: GuestMemoryMmap,
     pub host_view: GuestMemoryMmap,
     pub size: u64,
+    /// Which pages of `host_view` devices may touch (all, until the guest
+    /// enters secure mode).
+    pub shared: Arc<SharedPages>,
+}
+
+/// Page protections of the host view: private pages become PROT_NONE, so
+/// that a host-side bug faults instead of reading guest secrets.
+pub struct HostViewProtection(pub GuestMemoryMmap);
+
+impl HostProtection for HostViewProtection {
+    fn set_accessible(&self, gpa: u64, len: u64, accessible: bool) -> std::io::Result<()> {
+        let prot = if accessible {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_NONE
+        };
+        let mut at = gpa;
+        let end = gpa.checked_add(len).ok_or(std::io::ErrorKind::InvalidInput)?;
+        while at < end {
+            let region = self
+                .0
+                .find_region(GuestAddress(at))
+                .ok_or(std::io::ErrorKind::InvalidInput)?;
+            let offset = at - region.start_addr().0;
+            let here = (end - at).min(region.len() - offset);
+            let host = region.as_ptr() as usize + offset as usize;
+            // SAFETY: `host..host + here` lies inside this region's mapping,
+            // which the GuestMemoryMmap owns for as long as it lives; only its
+            // protection changes, and every device access checks the
+            // SharedPages gate before touching a page, so a PROT_NONE page is
+            // never dereferenced.
+            let rc = unsafe { libc::mprotect(host as *mut libc::c_void, here as usize, prot) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            at += here;
+        }
+        Ok(())
+    }
 }
 
 fn memfd(size: u64) -> Result<File> {
@@ -98,6 +140,7 @@ impl GuestRam {
             kvm_view,
             host_view,
             size,
+            shared: Arc::new(SharedPages::new(&ram_ranges(size))),
         })
     }
 }
@@ -112,6 +155,19 @@ mod tests {
         let ram = GuestRam::new(32 << 20).unwrap();
         ram.kvm_view.write_obj(0xfeed_u32, GuestAddress(0x1000)).unwrap();
         assert_eq!(ram.host_view.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xfeed);
+    }
+
+    #[test]
+    fn private_pages_leave_the_host_view_only() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let protect = HostViewProtection(ram.host_view.clone());
+        ram.shared.enter_secure(0x2000, 1, &protect).unwrap();
+        // The shared page stays usable; the guest's own view is untouched.
+        ram.host_view.write_obj(1_u8, GuestAddress(0x2000)).unwrap();
+        ram.kvm_view.write_obj(2_u8, GuestAddress(0x3000)).unwrap();
+        ram.shared.share(0x3000, 1, &protect).unwrap();
+        assert_eq!(ram.host_view.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 2);
+        assert!(protect.set_accessible(u64::MAX - 1, 4, false).is_err());
     }
 
     #[test]

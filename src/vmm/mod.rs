@@ -5,6 +5,7 @@ mod devices;
 mod irq;
 mod loader;
 mod memory;
+mod ultracall;
 mod vcpu;
 mod wakeup;
 
@@ -63,6 +64,8 @@ pub struct RunReport {
     pub rss_overhead_kib: u64,
     pub guest_ram_resident_kib: u64,
     pub devices: std::collections::BTreeMap<String, devices::DeviceReport>,
+    /// Private and shared pages, and the guest's ultracalls.
+    pub secure: ultracall::SecureReport,
     /// CPU time (ns, from /proc schedstat) of each veil thread by name:
     /// `veil` (main loop), `vcpuN`, and one worker per device (`blk0`, ...).
     pub thread_cpu_ns: std::collections::BTreeMap<String, u64>,
@@ -133,6 +136,7 @@ impl Vm {
     /// Creates the VM, loads the guest and prepares every vCPU.
     pub fn build(config: &VmConfig, probe_elf: &[u8]) -> Result<Vm> {
         let started_unix_ns = unix_ns();
+        let started = Instant::now();
         let hidden = veil_arch::cpuid::resolve_hidden(&config.cpuid_hide)
             .map_err(|e| Error::new(Kind::Usage, format!("--cpuid-hide: {e}")))?;
         let ram = GuestRam::new(config.memory)?;
@@ -206,6 +210,7 @@ impl Vm {
                 ..Default::default()
             })
             .map_err(kvm_err("cannot create PIT"))?;
+        ultracall::enable_hypercall_exits(&vm_fd);
         log::debug!("VM created");
         register_memory(&vm_fd, &ram)?;
         log::debug!("guest memory registered");
@@ -240,8 +245,8 @@ impl Vm {
             Arc::new(Mutex::new(AcpiSleepControl::new(stop.clone()))),
         )
         .map_err(bus_err)?;
-        let mut device_manager = devices::DeviceManager::new();
-        devices::attach_configured(&mut device_manager, config, &vm_fd, &mut pio, &mut mmio, &ram.host_view)?;
+        let mut device_manager = devices::DeviceManager::new(ram.host_view.clone(), ram.shared.clone());
+        devices::attach_configured(&mut device_manager, config, &vm_fd, &mut pio, &mut mmio)?;
 
         // Boot structures, now that the devices are known.
         if config.kernel.is_none() || cmdline.split_whitespace().any(|w| w == "acpi=off") {
@@ -267,7 +272,7 @@ impl Vm {
             serial: Some((COM1_PORT, COM1_IRQ)),
             virtio_mmio: device_manager.acpi_mmio.clone(),
             pci_ecam: device_manager.pci_ecam(),
-            viot: None,
+            viot: device_manager.viot.clone(),
         };
         veil_arch::acpi::write_acpi_tables(
             mem,
@@ -330,9 +335,15 @@ impl Vm {
         mmio.insert(WAKEUP_MAILBOX_ADDR, WAKEUP_MAILBOX_SIZE, mailbox.clone())
             .map_err(bus_err)?;
 
+        let ultracall = ultracall::UltracallGate::new(
+            ram.shared.clone(),
+            memory::HostViewProtection(ram.host_view.clone()),
+            started,
+        );
         let shared = Arc::new(VcpuShared {
             pio,
             mmio,
+            ultracall,
             stop: stop.clone(),
             exiting: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -468,6 +479,7 @@ impl Reporter {
             rss_overhead_kib: rss.saturating_sub(shmem),
             guest_ram_resident_kib: shmem,
             devices: self.device_manager.metrics(),
+            secure: self.shared.ultracall.report(),
             thread_cpu_ns: {
                 let mut t = thread_cpu_ns();
                 for (id, ns) in self.shared.vcpu_cpu_ns.lock().unwrap_or_else(|e| e.into_inner()).iter() {

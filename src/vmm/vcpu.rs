@@ -8,13 +8,18 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use veil_arch::layout::ULTRACALL_PORT;
 use veil_arch::regs::{boot_regs, set_long_mode, EntryPoint};
 use veil_devices::{Bus, StopReason, StopSignal};
+
+use super::ultracall::UltracallGate;
 
 /// What every vCPU thread shares with the rest of the VM.
 pub struct VcpuShared {
     pub pio: Bus,
     pub mmio: Bus,
+    /// Served before the port bus: ultracalls change registers, not just data.
+    pub ultracall: UltracallGate,
     pub stop: Arc<StopSignal>,
     /// Set once the VM is stopping: a vCPU that sees it leaves its loop.
     pub exiting: AtomicBool,
@@ -162,6 +167,14 @@ impl Vcpu {
         };
         let c = &shared.counters;
         match exit {
+            VcpuExit::IoIn(ULTRACALL_PORT, _) | VcpuExit::IoOut(ULTRACALL_PORT, _) => {
+                c.pio.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .ultracall
+                    .serve_port_exit(&mut self.fd, id)
+                    .map_err(|e| Error::new(Kind::Software, format!("vCPU {id}: ultracall: {e}")))?;
+            }
+            VcpuExit::Hypercall(call) => *call.ret = shared.ultracall.hypercall(call.nr, call.args),
             VcpuExit::IoOut(port, data) => {
                 c.pio.fetch_add(1, Ordering::Relaxed);
                 if !shared.pio.write(u64::from(port), data) {

@@ -2,7 +2,8 @@
 //! negotiation, queue configuration, status and reset (virtio 1.2 §2–§3).
 
 use super::{features, status, Activation, ActiveQueue, DeviceMetrics, InterruptCause, VirtioDevice, VirtioInterrupt};
-use crate::dma::{DmaMemory, DmaMode};
+use crate::dma::{DmaMemory, DmaMode, SharedPages};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
@@ -51,12 +52,68 @@ pub enum QueueAddress {
     Used,
 }
 
+/// The ways a device can see guest memory; the transport picks one when
+/// the driver starts the device.
+#[derive(Clone)]
+pub struct DmaViews {
+    /// Addresses are guest-physical (no ACCESS_PLATFORM, or no vIOMMU).
+    pub direct: DmaMemory,
+    /// Addresses are IOVAs of the device's vIOMMU endpoint, if it has one.
+    pub translated: Option<DmaMemory>,
+    /// The VM's shared-page gate, which `auto` devices follow.
+    pub shared: Option<Arc<SharedPages>>,
+}
+
+impl From<DmaMemory> for DmaViews {
+    fn from(direct: DmaMemory) -> DmaViews {
+        DmaViews {
+            direct,
+            translated: None,
+            shared: None,
+        }
+    }
+}
+
+/// What the secure transition needs to reach in a running device: set at
+/// activation, read by the callback `SharedPages` runs at ESM.
+struct SecureWatch {
+    name: String,
+    /// Running with guest-physical addresses in `auto` mode: such a device
+    /// must be reset to renegotiate ACCESS_PLATFORM.
+    auto_bypass: AtomicBool,
+    /// How the running device sees memory, for the ESM log line.
+    view: std::sync::Mutex<&'static str>,
+    needs_reset: AtomicBool,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    metrics: Arc<DeviceMetrics>,
+}
+
+impl SecureWatch {
+    fn guest_went_secure(&self) {
+        let view = *self.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !self.auto_bypass.swap(false, Ordering::AcqRel) {
+            log::info!("{}: guest is secure: {view} DMA, shared pages only", self.name);
+            return;
+        }
+        log::info!(
+            "{}: guest is secure: auto DMA leaves bypass; DEVICE_NEEDS_RESET so the driver renegotiates ACCESS_PLATFORM",
+            self.name
+        );
+        self.needs_reset.store(true, Ordering::Release);
+        DeviceMetrics::inc(&self.metrics.needs_reset);
+        if self.interrupt.trigger(InterruptCause::Config).is_ok() {
+            DeviceMetrics::inc(&self.metrics.interrupts);
+        }
+    }
+}
+
 pub struct VirtioState {
     device: Box<dyn VirtioDevice>,
     dma_mode: DmaMode,
     /// In platform mode, refuse drivers that do not accept ACCESS_PLATFORM.
     insist_platform: bool,
-    mem: DmaMemory,
+    views: DmaViews,
+    watch: Arc<SecureWatch>,
     interrupt: Arc<dyn VirtioInterrupt>,
     metrics: Arc<DeviceMetrics>,
     status: u8,
@@ -74,10 +131,27 @@ impl VirtioState {
         device: Box<dyn VirtioDevice>,
         dma_mode: DmaMode,
         insist_platform: bool,
-        mem: DmaMemory,
+        views: impl Into<DmaViews>,
         interrupt: Arc<dyn VirtioInterrupt>,
         metrics: Arc<DeviceMetrics>,
     ) -> std::io::Result<Self> {
+        let views = views.into();
+        let watch = Arc::new(SecureWatch {
+            name: device.name().to_string(),
+            auto_bypass: AtomicBool::new(false),
+            view: std::sync::Mutex::new("no"),
+            needs_reset: AtomicBool::new(false),
+            interrupt: interrupt.clone(),
+            metrics: metrics.clone(),
+        });
+        if let Some(shared) = &views.shared {
+            let w = Arc::downgrade(&watch);
+            shared.on_secure(Box::new(move || {
+                if let Some(w) = w.upgrade() {
+                    w.guest_went_secure();
+                }
+            }));
+        }
         let queues: Vec<QueueConfig> = device.queue_max_sizes().iter().map(|&m| QueueConfig::new(m)).collect();
         let notify = queues
             .iter()
@@ -87,7 +161,8 @@ impl VirtioState {
             device,
             dma_mode,
             insist_platform,
-            mem,
+            views,
+            watch,
             interrupt,
             metrics,
             status: 0,
@@ -126,14 +201,24 @@ impl VirtioState {
     /// mode says.
     pub fn offered_features(&self) -> u64 {
         let own = self.device.device_features() | features::VERSION_1;
+        if self.offers_platform() {
+            own | features::ACCESS_PLATFORM
+        } else {
+            own & !features::ACCESS_PLATFORM
+        }
+    }
+
+    /// `auto` is bypass until the guest goes secure, platform after.
+    fn offers_platform(&self) -> bool {
         match self.dma_mode {
-            DmaMode::Bypass => own & !features::ACCESS_PLATFORM,
-            DmaMode::Platform => own | features::ACCESS_PLATFORM,
+            DmaMode::Bypass => false,
+            DmaMode::Platform => true,
+            DmaMode::Auto => self.views.shared.as_ref().is_some_and(|s| s.is_secure()),
         }
     }
 
     pub fn status(&self) -> u8 {
-        if self.device.needs_reset() {
+        if self.device.needs_reset() || self.watch.needs_reset.load(Ordering::Acquire) {
             self.status | status::DEVICE_NEEDS_RESET
         } else {
             self.status
@@ -326,7 +411,7 @@ impl VirtioState {
         if acked & features::VERSION_1 == 0 {
             return Err("legacy drivers are not supported (VERSION_1 not accepted)".into());
         }
-        if self.dma_mode == DmaMode::Platform && self.insist_platform && acked & features::ACCESS_PLATFORM == 0 {
+        if self.offers_platform() && self.insist_platform && acked & features::ACCESS_PLATFORM == 0 {
             return Err("this device insists on ACCESS_PLATFORM".into());
         }
         self.device.accept_features(acked)
@@ -344,7 +429,7 @@ impl VirtioState {
             .map_err(|e| format!("queue {index} used ring: {e:?}"))?;
         q.set_event_idx(self.driver_features & features::RING_EVENT_IDX != 0);
         q.set_ready(true);
-        if !q.is_valid(&self.mem) {
+        if !q.is_valid(self.active_view()) {
             return Err(format!(
                 "queue {index}: rings at {:#x}/{:#x}/{:#x} are not in reachable memory",
                 cfg.desc, cfg.avail, cfg.used
@@ -372,8 +457,14 @@ impl VirtioState {
                 }
             }
         }
+        let platform = self.driver_features & features::ACCESS_PLATFORM != 0;
+        let view = match (platform, &self.views.translated) {
+            (true, Some(_)) => "translated",
+            (true, None) => "platform (identity)",
+            (false, _) => "bypass",
+        };
         let activation = Activation {
-            mem: self.mem.clone(),
+            mem: self.active_view().clone(),
             queues,
             interrupt: self.interrupt.clone(),
             acked_features: self.driver_features,
@@ -382,21 +473,33 @@ impl VirtioState {
         match self.device.activate(activation) {
             Ok(()) => {
                 DeviceMetrics::inc(&self.metrics.activations);
+                *self
+                    .watch
+                    .view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+                self.watch
+                    .auto_bypass
+                    .store(self.dma_mode == DmaMode::Auto && !platform, Ordering::Release);
+                let secure = self.views.shared.as_ref().is_some_and(|s| s.is_secure());
                 log::info!(
-                    "{}: activated, {} DMA{}",
+                    "{}: activated, {:?} mode: {view} DMA{}",
                     self.device.name(),
-                    match self.dma_mode {
-                        DmaMode::Bypass => "bypass",
-                        DmaMode::Platform => "platform",
-                    },
-                    if self.driver_features & features::ACCESS_PLATFORM != 0 {
-                        " (ACCESS_PLATFORM negotiated)"
-                    } else {
-                        ""
-                    }
+                    self.dma_mode,
+                    if secure { ", shared pages only" } else { "" }
                 );
             }
             Err(e) => self.needs_reset(&e.to_string()),
+        }
+    }
+
+    /// The view the driver's negotiation chose: IOVAs when it accepted
+    /// ACCESS_PLATFORM and the device has a vIOMMU endpoint, guest-physical
+    /// addresses otherwise.
+    fn active_view(&self) -> &DmaMemory {
+        match &self.views.translated {
+            Some(t) if self.driver_features & features::ACCESS_PLATFORM != 0 => t,
+            _ => &self.views.direct,
         }
     }
 
@@ -413,6 +516,8 @@ impl VirtioState {
 
     pub fn reset(&mut self) {
         self.device.reset();
+        self.watch.needs_reset.store(false, Ordering::Release);
+        self.watch.auto_bypass.store(false, Ordering::Release);
         self.status = 0;
         self.driver_features = 0;
         self.device_features_sel = 0;

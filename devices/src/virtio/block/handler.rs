@@ -48,6 +48,8 @@ enum Fault {
     Request(String),
     /// A buffer became unreachable while being used (`bad_descriptors`, IOERR).
     Memory(String),
+    /// The DMA view refused the access (vIOMMU fault or private page).
+    Denied(String),
     /// The backing storage failed (`io_errors`, IOERR).
     Host(std::io::Error),
     /// The device does not do that (`bad_requests`, UNSUPP).
@@ -245,6 +247,15 @@ impl QueueWorker {
                     written: 0,
                 }
             }
+            Err(Rejection::Denied { status, why }) => {
+                DeviceMetrics::inc(&self.metrics.dma_denied);
+                log::debug!("{}: DMA refused in chain at {head}: {why}", self.name);
+                Completion::Answer {
+                    status,
+                    value: S_IOERR,
+                    written: 0,
+                }
+            }
             Err(Rejection::BadRequest { status, why }) => {
                 DeviceMetrics::inc(&self.metrics.bad_requests);
                 log::debug!("{}: bad request at {head}: {why}", self.name);
@@ -268,6 +279,11 @@ impl QueueWorker {
             }
             Fault::Memory(why) => {
                 DeviceMetrics::inc(&m.bad_descriptors);
+                log::debug!("{}: {why}", self.name);
+                S_IOERR
+            }
+            Fault::Denied(why) => {
+                DeviceMetrics::inc(&m.dma_denied);
                 log::debug!("{}: {why}", self.name);
                 S_IOERR
             }
@@ -404,7 +420,7 @@ impl QueueWorker {
                 let at = GuestAddress(b.addr.0 + u64::from(done));
                 self.mem
                     .write_slice(buf, at)
-                    .map_err(|e| Fault::Memory(format!("cannot fill {:#x}: {e}", at.0)))?;
+                    .map_err(|e| memory_fault(&e, "cannot fill", at.0))?;
                 DeviceMetrics::add(&self.metrics.bytes_written, u64::from(n));
                 *written += n;
                 done += n;
@@ -425,7 +441,7 @@ impl QueueWorker {
                 let n = buf.len() as u32;
                 self.mem
                     .read_slice(buf, at)
-                    .map_err(|e| Fault::Memory(format!("cannot read {:#x}: {e}", at.0)))?;
+                    .map_err(|e| memory_fault(&e, "cannot read", at.0))?;
                 DeviceMetrics::add(&self.metrics.bytes_read, u64::from(n));
                 backend.write_all_at(buf, offset).map_err(Fault::Host)?;
                 done += n;
@@ -445,7 +461,7 @@ impl QueueWorker {
             let n = rest.len().min(b.len as usize);
             self.mem
                 .write_slice(&rest[..n], b.addr)
-                .map_err(|e| Fault::Memory(format!("cannot fill {:#x}: {e}", b.addr.0)))?;
+                .map_err(|e| memory_fault(&e, "cannot fill", b.addr.0))?;
             DeviceMetrics::add(&self.metrics.bytes_written, n as u64);
             *written += n as u32;
             rest = &rest[n..];
@@ -469,7 +485,7 @@ impl QueueWorker {
             let end = filled + b.len as usize;
             self.mem
                 .read_slice(&mut bytes[filled..end], b.addr)
-                .map_err(|e| Fault::Memory(format!("cannot read {:#x}: {e}", b.addr.0)))?;
+                .map_err(|e| memory_fault(&e, "cannot read", b.addr.0))?;
             filled = end;
         }
         DeviceMetrics::add(&self.metrics.bytes_read, len as u64);
@@ -550,5 +566,15 @@ impl MutEventSubscriber for QueueWorker {
         if let Err(e) = ops.add(Events::new(&self.notify, EventSet::IN)) {
             log::error!("{}: cannot watch queue {}: {e:?}", self.name, self.index);
         }
+    }
+}
+
+/// A failed guest-memory access: refused by the DMA view, or an address no
+/// memory has.
+fn memory_fault(e: &vm_memory::GuestMemoryError, what: &str, at: u64) -> Fault {
+    let why = format!("{what} {at:#x}: {e}");
+    match e {
+        vm_memory::GuestMemoryError::IommuError(_) => Fault::Denied(why),
+        _ => Fault::Memory(why),
     }
 }

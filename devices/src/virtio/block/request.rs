@@ -169,6 +169,16 @@ pub enum Rejection {
     BadDescriptors { status: GuestAddress, why: String },
     /// The request breaks a limit of the device; the status byte is usable.
     BadRequest { status: GuestAddress, why: String },
+    /// The DMA view refused a data buffer (vIOMMU fault, private page).
+    Denied { status: GuestAddress, why: String },
+}
+
+/// Whether the device may reach all of `b`, and if not, why.
+fn reach(mem: &DmaMemory, b: &Buffer) -> Result<(), vm_memory::GuestMemoryError> {
+    for slice in mem.get_slices(b.addr, b.len as usize, access(b))? {
+        slice?;
+    }
+    Ok(())
 }
 
 fn piece(b: &Buffer, skip: u32, drop_tail: u32) -> Option<Buffer> {
@@ -276,8 +286,17 @@ impl Request {
             .iter()
             .try_fold(0u32, |sum, b| sum.checked_add(b.len))
             .ok_or_else(|| bad_request("data longer than 4 GiB".to_string()))?;
-        if data.iter().any(|b| !mem.check_range(b.addr, b.len as usize, access(b))) {
-            return Err(bad_descriptors("data buffer outside guest memory"));
+        for b in &data {
+            match reach(mem, b) {
+                Ok(()) => {}
+                Err(e @ vm_memory::GuestMemoryError::IommuError(_)) => {
+                    return Err(Rejection::Denied {
+                        status,
+                        why: format!("data buffer at {:#x}: {e}", b.addr.0),
+                    })
+                }
+                Err(_) => return Err(bad_descriptors("data buffer outside guest memory")),
+            }
         }
         Ok(Request {
             kind,

@@ -1,7 +1,10 @@
 //! ACPI, as far as the probe needs it: RSDP -> XSDT (or RSDT) -> MADT, to
 //! count the enabled Local APICs and find the Multiprocessor Wakeup
-//! mailbox, and MCFG, for the PCI ECAM window. Every table checksum is
-//! checked, and every table must lie in memory the e820 map describes.
+//! mailbox, MCFG, for the PCI ECAM window, and VIOT (viot.rs), for the
+//! virtio-iommu's endpoints. Every table checksum is checked, and every
+//! table must lie in memory the e820 map describes.
+
+pub mod viot;
 
 use crate::boot::MAX_CPUS;
 use crate::bootinfo::{peek, BootInfo};
@@ -32,6 +35,8 @@ pub struct Acpi {
     pub mailbox: Option<Mailbox>,
     /// ECAM base of PCI segment 0, bus 0 (MCFG), if there is one.
     pub ecam: Option<u64>,
+    /// The virtio-iommu's table, if there is one.
+    pub viot: Option<viot::Viot>,
     /// The first problem found, if any.
     pub error: Option<&'static str>,
     /// Where the tables are: the RAM test stays away from these.
@@ -106,6 +111,7 @@ pub fn parse(info: &BootInfo) -> Acpi {
         apic_ids: [0; MAX_CPUS],
         mailbox: None,
         ecam: None,
+        viot: None,
         error: None,
         regions: [(0, 0); MAX_REGIONS],
         nregions: 0,
@@ -169,6 +175,11 @@ pub fn parse(info: &BootInfo) -> Acpi {
         if unsafe { peek::<[u8; 4]>(table) } == *b"MCFG" && acpi.ecam.is_none() {
             if let Some(len) = check_table(&mut acpi, info, table) {
                 parse_mcfg(&mut acpi, table, len);
+            }
+        }
+        if unsafe { peek::<[u8; 4]>(table) } == *b"VIOT" && acpi.viot.is_none() {
+            if let Some(len) = check_table(&mut acpi, info, table) {
+                acpi.viot = Some(viot::parse(table, len));
             }
         }
     }

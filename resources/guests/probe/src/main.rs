@@ -28,9 +28,12 @@ mod heap;
 mod hostile;
 mod mem;
 mod memtest;
+mod secure;
 mod serial;
 mod smp;
 mod time;
+mod ultracall;
+mod ultracall_checks;
 mod virtio;
 
 use bootinfo::{param, BootInfo};
@@ -50,6 +53,9 @@ const MODES: &[(&str, Workload)] = &[
     ("fault", fault),
     ("hostile", hostile::run),
     ("bench", virtio::bench),
+    ("iommu_fault", virtio::faults::run),
+    ("ultracall", ultracall_checks::run),
+    ("secure", virtio::secure_checks::run),
 ];
 
 /// The BSP at CPL3, from `_start` (boot.rs).

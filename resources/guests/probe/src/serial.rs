@@ -40,14 +40,14 @@ pub fn digits(mut v: u64, radix: u64, buf: &mut [u8; 20]) -> &[u8] {
 }
 
 pub struct Line {
-    buf: [u8; 200],
+    buf: [u8; 256],
     len: usize,
 }
 
 impl Line {
     /// `PROBE <topic>`
     pub fn new(topic: &str) -> Self {
-        let mut l = Line { buf: [0; 200], len: 0 };
+        let mut l = Line { buf: [0; 256], len: 0 };
         l.put(b"PROBE ");
         l.put(topic.as_bytes());
         l

@@ -23,9 +23,9 @@ use alloc::vec::Vec;
 
 use super::blk::{max_depth, Blk, Engine};
 use super::net::{Rig, TX_SLOTS};
-use super::{init_failed, Device, Name, Settings};
+use super::{init_failed, iommu, Device, DmaMark, Name, Settings};
 use crate::bootinfo::param;
-use crate::heap;
+use crate::hal::{self, DmaPolicy};
 use crate::serial::Line;
 use crate::time::{rdtsc, tsc_hz};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +67,8 @@ struct Outcome {
     bytes: u64,
     cycles: u64,
     notifies: u64,
+    /// vIOMMU requests and bounces during the case.
+    dma: super::DmaMark,
     result: Result<(), &'static str>,
 }
 
@@ -94,6 +96,11 @@ fn report(case: &str, name: Name, hz: u64, o: Outcome) -> bool {
         line = line.dec("us", (o.cycles as u128 * 1_000_000 / hz as u128) as u64);
     }
     line = line.dec("notifies", o.notifies);
+    if iommu::present() {
+        line = o.dma.tag(line);
+    } else if hal::chosen() == DmaPolicy::Bounce {
+        line = o.dma.tag_bounces(line);
+    }
     match o.result {
         Ok(()) => {
             line.word("result=ok").emit();
@@ -152,8 +159,8 @@ fn bench_blk(dev: Device, settings: &Settings, hz: u64) -> bool {
         } else {
             (budget.min(capacity * SECTOR) / (piece * SECTOR)).max(1)
         };
-        // One case's buffers take at most half the heap.
-        let depth = qd.min((heap::size() / 2 / (piece * SECTOR)).max(1) as usize);
+        // One case's buffers take at most half the room there is for them.
+        let depth = qd.min((super::buffer_room() / 2 / (piece * SECTOR)).max(1) as usize);
         let mut engine = Engine::new(&mut blk, depth, case.sectors);
         engine.prefill(settings.seed);
 
@@ -174,6 +181,7 @@ fn bench_blk(dev: Device, settings: &Settings, hz: u64) -> bool {
             Some((at * piece, case.sectors))
         };
         let notifies = stats.notifies.get();
+        let dma = DmaMark::now();
         marker("begin", case.name);
         let start = rdtsc();
         let result = engine.run(case.write, &mut next, &mut |_, _| true);
@@ -185,6 +193,7 @@ fn bench_blk(dev: Device, settings: &Settings, hz: u64) -> bool {
             bytes: engine.bytes,
             cycles,
             notifies: stats.notifies.get() - notifies,
+            dma,
             result: result.map_err(|f| f.reason),
         };
         drop(engine);
@@ -206,6 +215,7 @@ fn bench_net(dev: Device, settings: &Settings, hz: u64) -> bool {
     let mut ok = true;
     for (case, len) in [("net-64", 64usize), ("net-1500", 1500)] {
         let notifies = stats.notifies.get();
+        let dma = DmaMark::now();
         marker("begin", case);
         let start = rdtsc();
         let result = rig.echo(frames, &|_| len);
@@ -221,6 +231,7 @@ fn bench_net(dev: Device, settings: &Settings, hz: u64) -> bool {
             bytes,
             cycles,
             notifies: stats.notifies.get() - notifies,
+            dma,
             result: result.map(|_| ()),
         };
         ok &= report(case, name, hz, outcome);
@@ -289,5 +300,5 @@ pub fn run(devs: Vec<Device>, settings: &Settings) -> bool {
         Line::new("bench").word("error=no_device").emit();
         ok = false;
     }
-    ok
+    ok & iommu::report(false)
 }

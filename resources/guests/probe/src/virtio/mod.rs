@@ -10,13 +10,21 @@
 //! that avoids the probe image, ACPI tables and initrd, and splits it into
 //! the DMA pool (hal.rs) and the heap (heap.rs). In mode `basic` the RAM
 //! test has finished with that memory by then.
+//!
+//! A virtio-iommu (iommu/) is set up before every other device, which then
+//! reaches memory through it as the DMA policy (hal.rs) says.
 
 mod bench;
 mod blk;
 mod console;
 mod discover;
-mod net;
+pub mod faults;
+pub mod iommu;
+mod mark;
+pub mod net;
 mod rng;
+mod secure;
+pub mod secure_checks;
 mod transport;
 
 use alloc::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
@@ -31,6 +39,7 @@ use crate::hal::{self, DmaPolicy};
 use crate::serial::Line;
 use crate::{boot, heap};
 use discover::Found;
+pub use mark::DmaMark;
 use transport::{Probed, Stats};
 
 /// TSC ticks to wait for one completion before calling it a timeout
@@ -38,13 +47,18 @@ use transport::{Probed, Stats};
 pub const TIMEOUT: u64 = 20_000_000_000;
 
 const MIB: u64 = 1 << 20;
-/// DMA pool: virtqueues only (bounce buffers would need more).
+/// DMA pool: virtqueues (and bounce buffers, with the lazy and bounce
+/// policies).
 const POOL_SIZE: u64 = 2 * MIB;
+/// Where every device access stays in the pool (lazy: the workloads'
+/// buffers live there; bounce: they are copied there), the pool grows by
+/// the heap's size, up to what it can hold.
+const POOL_MAX: u64 = 32 * MIB;
 /// The heap takes a quarter of the free RAM, within these bounds.
 const HEAP_MIN: u64 = 4 * MIB;
 const HEAP_MAX: u64 = 48 * MIB;
 /// Default seed of the block pattern ("veil").
-const DEFAULT_SEED: u64 = 0x7665_696C;
+pub const DEFAULT_SEED: u64 = 0x7665_696C;
 
 /// What the workloads share: settings from the command line.
 pub struct Settings<'a> {
@@ -120,12 +134,21 @@ pub fn check_features(name: Name, stats: &Stats) -> bool {
     true
 }
 
-/// ` access_platform=1` when that was negotiated, and ` quirk=..` for
-/// what the device did wrong without failing the workload.
+/// ` access_platform=1` when that was negotiated (with ` iommu=<policy>
+/// endpoint=.. iommu_maps=..` when through the vIOMMU), and ` quirk=..`
+/// for what the device did wrong without failing the workload.
 pub fn annotate(line: Line, stats: &Stats) -> Line {
     let mut line = line;
     if stats.accepted.get() & transport::F_ACCESS_PLATFORM != 0 {
         line = line.word("access_platform=1");
+    }
+    if stats.translated.get() {
+        line = line
+            .text("iommu", hal::chosen().name().as_bytes())
+            .hex("endpoint", u64::from(stats.endpoint.get().unwrap_or(0)));
+        line = stats.mark.get().tag(line);
+    } else if hal::chosen() == DmaPolicy::Bounce {
+        line = stats.mark.get().tag_bounces(line);
     }
     if stats.ready_stuck.get() {
         line = line.word("quirk=ready_stuck");
@@ -143,21 +166,44 @@ fn kind_name(t: DeviceType) -> &'static str {
     }
 }
 
-/// A zeroed, page-aligned heap buffer (`Vec<u8>` promises no alignment).
+/// A zeroed, page-aligned data buffer (`Vec<u8>` promises no alignment):
+/// from the DMA pool when the DMA policy wants buffers there and it has
+/// room, else from the heap.
 pub struct Buf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Pool pages it holds; 0 for a heap buffer.
+    pool_pages: usize,
 }
 
 impl Buf {
     pub fn new(len: usize) -> Buf {
+        let pages = len.max(1).div_ceil(4096);
+        if hal::chosen().buffers_in_pool() {
+            if let Some(addr) = hal::pool_alloc(pages) {
+                let ptr = NonNull::new(addr as *mut u8).unwrap();
+                return Buf {
+                    ptr,
+                    len,
+                    pool_pages: pages,
+                };
+            }
+        }
         let layout = Layout::from_size_align(len.max(1), 4096).unwrap();
         // SAFETY: the layout is not zero-sized.
         let ptr = unsafe { alloc_zeroed(layout) };
         match NonNull::new(ptr) {
-            Some(ptr) => Buf { ptr, len },
+            Some(ptr) => Buf {
+                ptr,
+                len,
+                pool_pages: 0,
+            },
             None => handle_alloc_error(layout),
         }
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -173,6 +219,10 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
+        if self.pool_pages != 0 {
+            hal::pool_free(self.addr(), self.pool_pages);
+            return;
+        }
         let layout = Layout::from_size_align(self.len.max(1), 4096).unwrap();
         // SAFETY: allocated in `new` with this layout.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
@@ -217,6 +267,11 @@ fn free_ram(info: &BootInfo, limit: u64) -> u64 {
 fn reserve(info: &BootInfo, acpi: &Acpi) -> Option<(u64, u64)> {
     let limit = boot::mapped_end();
     let heap_size = (free_ram(info, limit) / 4).clamp(HEAP_MIN, HEAP_MAX) & !(MIB - 1);
+    let pool_size = if hal::chosen().pool_only() {
+        (POOL_SIZE + heap_size).min(POOL_MAX)
+    } else {
+        POOL_SIZE
+    };
     // What must stay untouched: the probe itself, the initrd, the ACPI
     // tables (a fixed-size list: there is no heap yet).
     let mut keep = [(0u64, 0u64); 12];
@@ -225,23 +280,39 @@ fn reserve(info: &BootInfo, acpi: &Acpi) -> Option<(u64, u64)> {
     for (slot, &r) in keep[2..].iter_mut().zip(acpi.regions()) {
         *slot = r;
     }
-    let Some(base) = carve(info, &keep, limit, heap_size + POOL_SIZE, 2 * MIB) else {
+    let Some(base) = carve(info, &keep, limit, heap_size + pool_size, 2 * MIB) else {
         Line::new("virtio")
             .word("fail reason=no_memory")
-            .hex("wanted", heap_size + POOL_SIZE)
+            .hex("wanted", heap_size + pool_size)
             .emit();
         return None;
     };
     let pool = base + heap_size;
     heap::init(base, heap_size);
-    hal::init_pool(pool, POOL_SIZE);
+    hal::init_pool(pool, pool_size);
     Some((pool, base))
 }
 
-/// The DMA policy from `probe.dma=` (default identity).
-fn set_policy(cmdline: &[u8]) -> bool {
+/// Bytes the workloads' buffers may come from (the bench keeps within
+/// half of it).
+pub fn buffer_room() -> u64 {
+    if hal::chosen().buffers_in_pool() {
+        hal::pool_range().1
+    } else {
+        heap::size()
+    }
+}
+
+/// The DMA policy from `probe.dma=`; by default lazy if the ACPI tables
+/// announce a vIOMMU (VIOT), else identity.
+fn set_policy(cmdline: &[u8], acpi: &Acpi) -> bool {
     match param(cmdline, "probe.dma") {
-        None => true,
+        None => {
+            if acpi.viot.is_some() {
+                hal::set_policy(DmaPolicy::Lazy);
+            }
+            true
+        }
         Some(name) => match DmaPolicy::parse(name) {
             Some(p) => {
                 hal::set_policy(p);
@@ -262,17 +333,49 @@ fn set_policy(cmdline: &[u8]) -> bool {
 /// `PROBE virtio count=...` and a line for each broken device; the bool is
 /// false when any device could not be set up.
 fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
-    if !set_policy(info.cmdline) {
+    if !set_policy(info.cmdline, acpi) {
         return None;
     }
     let (pool, heap_base) = reserve(info, acpi)?;
-    let (found, broken) = discover::discover(info.cmdline, acpi.ecam, boot::mapped_end());
+    if !secure::enter(info.cmdline) {
+        return None;
+    }
+    let (mut found, broken) = discover::discover(info.cmdline, acpi.ecam, boot::mapped_end());
+    // The vIOMMU is not one of the devices the workloads drive: it counts
+    // (its own line follows), but it is set up here, before the others.
+    let viommu = found
+        .iter()
+        .position(|f| f.transport.device_type() == DeviceType::IOMMU);
+    let viommu = viommu.map(|i| found.remove(i));
     Line::new("virtio")
-        .dec("count", (found.len() + broken.len()) as u64)
-        .text("dma", hal::policy().name().as_bytes())
+        .dec(
+            "count",
+            (found.len() + broken.len() + usize::from(viommu.is_some())) as u64,
+        )
+        .text("dma", hal::chosen().name().as_bytes())
         .hex("pool", pool)
         .hex("heap", heap_base)
         .emit();
+    let cached_notify = param(info.cmdline, "probe.pci_notify") != Some(b"crate");
+    let viot = acpi.viot.as_ref();
+    let mut iommu_ok = true;
+    if let Some(f) = viommu {
+        let t = Probed::new(f.transport, f.notify, cached_notify, mmio_base(&f.bus, f.addr), None);
+        iommu_ok = iommu::install(t, &f.bus, f.addr, viot);
+        // Identity addresses through a vIOMMU need its bypass.
+        if iommu_ok && !hal::chosen().translates() {
+            iommu_ok = iommu::set_bypass(true);
+            let result = if iommu_ok { "result=ok" } else { "result=fail" };
+            Line::new("iommu").word("bypass=1").word(result).emit();
+        }
+    }
+    if hal::chosen().translates() && !iommu::present() {
+        Line::new("virtio")
+            .text("error", b"no_iommu")
+            .text("dma", hal::chosen().name().as_bytes())
+            .emit();
+        return None;
+    }
     for b in &broken {
         Line::new("virtio")
             .word("dev=unknown")
@@ -282,7 +385,6 @@ fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
             .text("reason", b.reason.as_bytes())
             .emit();
     }
-    let cached_notify = param(info.cmdline, "probe.pci_notify") != Some(b"crate");
     let mut counts = [0u32; 5];
     let mut devs = Vec::new();
     for f in found {
@@ -292,8 +394,12 @@ fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
             transport,
             notify,
         } = f;
-        let mmio_base = matches!(bus, discover::Bus::Mmio).then_some(addr);
-        let t = Probed::new(transport, notify.filter(|_| cached_notify), mmio_base);
+        let endpoint = if iommu::present() {
+            iommu::endpoint_of(viot, &bus, addr)
+        } else {
+            None
+        };
+        let t = Probed::new(transport, notify, cached_notify, mmio_base(&bus, addr), endpoint);
         let kind = kind_name(t.device_type());
         let slot = ["blk", "net", "rng", "console", "other"]
             .iter()
@@ -310,7 +416,11 @@ fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
         });
         counts[slot] += 1;
     }
-    Some((devs, broken.is_empty()))
+    Some((devs, broken.is_empty() && iommu_ok))
+}
+
+fn mmio_base(bus: &discover::Bus, addr: u64) -> Option<u64> {
+    matches!(bus, discover::Bus::Mmio).then_some(addr)
 }
 
 fn settings(info: &BootInfo) -> Settings<'_> {
@@ -350,7 +460,7 @@ pub fn run(info: &BootInfo, acpi: &Acpi) -> bool {
             }
         };
     }
-    ok
+    ok & iommu::report(false)
 }
 
 /// Mode `bench`: the block and/or net benchmark (`probe.bench=blk|net|all`,

@@ -6,8 +6,11 @@
 //! * it records the features the device offered and the driver accepted,
 //!   and whether the device kept FEATURES_OK;
 //! * it accepts VIRTIO_F_ACCESS_PLATFORM when the device offers it and
-//!   the DMA policy (hal.rs) says its addresses suit it (the drivers of
-//!   virtio-drivers do not know the bit);
+//!   the DMA policy (hal.rs) can give it addresses that suit it (the
+//!   drivers of virtio-drivers do not know the bit): with a policy that
+//!   translates, only once the device's endpoint joined the vIOMMU domain;
+//!   and it tells the Hal, for as long as the driver lives, whether the
+//!   device it now drives is translated;
 //! * on MMIO, it stops a queue as virtio 1.2 §4.2.2.2 says (QueueReady =
 //!   0, read back until 0) but gives up after a few reads: a device that
 //!   ignores the write (veil does, after DRIVER_OK) is reset instead, and
@@ -32,6 +35,8 @@ use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Trans
 use virtio_drivers::{PhysAddr, Result};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+use super::iommu;
+use super::DmaMark;
 use crate::hal;
 
 /// VIRTIO_F_ACCESS_PLATFORM (virtio 1.2 §6).
@@ -58,6 +63,53 @@ pub struct Stats {
     pub refused: Cell<bool>,
     /// MMIO: QueueReady still read 1 after the driver wrote 0.
     pub ready_stuck: Cell<bool>,
+    /// The device's vIOMMU endpoint ID, if it has one.
+    pub endpoint: Cell<Option<u32>>,
+    /// It accepted ACCESS_PLATFORM and joined the vIOMMU domain.
+    pub translated: Cell<bool>,
+    /// The DMA counters when its features were negotiated: its workload's
+    /// share is what they grew by since.
+    pub mark: Cell<DmaMark>,
+    /// Its device status register, for checks that must reset the device
+    /// behind its driver's back.
+    pub status_reg: Cell<Option<StatusReg>>,
+}
+
+/// Where a device's status register is.
+#[derive(Clone, Copy)]
+pub enum StatusReg {
+    /// virtio-mmio Status (32 bits).
+    Mmio(u64),
+    /// virtio-pci `device_status` in the common configuration (8 bits).
+    Pci(u64),
+}
+
+/// virtio-mmio Status and virtio-pci device_status.
+const MMIO_STATUS: u64 = 0x070;
+const COMMON_DEVICE_STATUS: u64 = 0x14;
+
+impl StatusReg {
+    pub fn read(self) -> u32 {
+        // SAFETY: the status register of a device the probe found,
+        // identity-mapped MMIO.
+        unsafe {
+            match self {
+                StatusReg::Mmio(at) => (at as *const u32).read_volatile(),
+                StatusReg::Pci(at) => u32::from((at as *const u8).read_volatile()),
+            }
+        }
+    }
+
+    /// Writes 0: the device resets and forgets its queues.
+    pub fn reset(self) {
+        // SAFETY: as in `read`.
+        unsafe {
+            match self {
+                StatusReg::Mmio(at) => (at as *mut u32).write_volatile(0),
+                StatusReg::Pci(at) => (at as *mut u8).write_volatile(0),
+            }
+        }
+    }
 }
 
 /// Where a virtio-pci function's notifications go: found by `discover`
@@ -90,6 +142,12 @@ macro_rules! each {
     };
 }
 
+impl Inner {
+    pub fn device_type(&self) -> DeviceType {
+        each!(self, t => t.device_type())
+    }
+}
+
 pub struct Probed {
     inner: Inner,
     stats: Rc<Stats>,
@@ -98,16 +156,35 @@ pub struct Probed {
     notify_at: [u64; NOTIFY_QUEUES],
     /// virtio-mmio: the register window.
     mmio: Option<u64>,
+    /// Its features were negotiated: the Hal serves this device now.
+    serving: bool,
 }
 
 impl Probed {
-    pub fn new(inner: Inner, pci: Option<PciNotify>, mmio: Option<u64>) -> Probed {
+    /// `pci`: where the function's notifications go; they are written
+    /// there directly if `cache_notify`. `endpoint`: its vIOMMU endpoint ID.
+    pub fn new(
+        inner: Inner,
+        pci: Option<PciNotify>,
+        cache_notify: bool,
+        mmio: Option<u64>,
+        endpoint: Option<u32>,
+    ) -> Probed {
+        let stats = Rc::new(Stats::default());
+        stats.endpoint.set(endpoint);
+        let status = match (mmio, pci) {
+            (Some(base), _) => Some(StatusReg::Mmio(base + MMIO_STATUS)),
+            (None, Some(p)) => Some(StatusReg::Pci(p.common + COMMON_DEVICE_STATUS)),
+            (None, None) => None,
+        };
+        stats.status_reg.set(status);
         Probed {
             inner,
-            stats: Rc::new(Stats::default()),
-            pci,
+            stats,
+            pci: pci.filter(|_| cache_notify),
             notify_at: [0; NOTIFY_QUEUES],
             mmio,
+            serving: false,
         }
     }
 
@@ -123,16 +200,32 @@ impl Transport for Probed {
     }
 
     fn read_device_features(&mut self) -> u64 {
-        let f = each!(&mut self.inner, t => t.read_device_features());
+        let mut f = each!(&mut self.inner, t => t.read_device_features());
+        // virtio-drivers puts indirect tables on the heap; checks that keep
+        // the heap private must keep whole chains in the shared ring.
+        if crate::secure::direct_only() {
+            f &= !F_INDIRECT_DESC;
+        }
         self.stats.offered.set(f);
         f
     }
 
     fn write_driver_features(&mut self, driver_features: u64) {
         let mut f = driver_features;
-        if self.stats.offered.get() & F_ACCESS_PLATFORM != 0 && hal::policy().accepts_access_platform() {
+        self.stats.mark.set(DmaMark::now());
+        let offered = self.stats.offered.get() & F_ACCESS_PLATFORM != 0;
+        let chosen = hal::chosen();
+        // Joining the domain also maps the pool, before any queue exists.
+        let translated =
+            offered && chosen.translates() && self.stats.endpoint.get().is_some_and(iommu::attach_endpoint);
+        // Identity addresses suit ACCESS_PLATFORM only without a vIOMMU
+        // (or with its bypass on), which is when identity is chosen.
+        if translated || (offered && !chosen.translates()) {
             f |= F_ACCESS_PLATFORM;
         }
+        self.stats.translated.set(translated);
+        hal::enter_device(translated);
+        self.serving = true;
         self.stats.accepted.set(f);
         each!(&mut self.inner, t => t.write_driver_features(f))
     }
@@ -236,5 +329,16 @@ impl Transport for Probed {
 
     fn write_config_space<T: IntoBytes + Immutable>(&mut self, offset: usize, value: T) -> Result<()> {
         each!(&mut self.inner, t => t.write_config_space(offset, value))
+    }
+}
+
+impl Drop for Probed {
+    /// The driver is gone: whatever the Hal shares next is not for it.
+    /// (A transport no driver used says nothing: another device may be
+    /// the one being served.)
+    fn drop(&mut self) {
+        if self.serving {
+            hal::leave_device();
+        }
     }
 }

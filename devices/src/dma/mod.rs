@@ -30,12 +30,18 @@
 //! write lock to change translations, so once it has answered a request
 //! (an UNMAP, say) no access can still use what that request removed.
 
+mod shared;
+mod tlb;
+mod view;
+
+pub use shared::{HostProtection, PageCounts, ShareError, SharedPages, PAGE_SIZE};
+pub use view::DmaView;
+
 use std::collections::VecDeque;
-use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use vm_memory::iommu::{Error as IommuError, Iommu, IotlbIterator, IovaRange};
-use vm_memory::{GuestAddress, GuestMemoryMmap, IommuMemory, Iotlb, Permissions};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockWriteGuard};
+use vm_memory::iommu::Error as IommuError;
+use vm_memory::{GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How a device's addresses are to be understood.
@@ -46,6 +52,9 @@ pub enum DmaMode {
     Bypass,
     /// VIRTIO_F_ACCESS_PLATFORM: addresses go through the platform.
     Platform,
+    /// Bypass while the guest is an ordinary VM; once it enters secure
+    /// mode the device asks to be reset and then offers ACCESS_PLATFORM.
+    Auto,
 }
 
 impl std::str::FromStr for DmaMode {
@@ -55,7 +64,8 @@ impl std::str::FromStr for DmaMode {
         match s {
             "bypass" => Ok(DmaMode::Bypass),
             "platform" => Ok(DmaMode::Platform),
-            _ => Err(format!("invalid DMA mode '{s}': expected bypass or platform")),
+            "auto" => Ok(DmaMode::Auto),
+            _ => Err(format!("invalid DMA mode '{s}': expected bypass, platform or auto")),
         }
     }
 }
@@ -171,49 +181,25 @@ pub struct DmaMapping {
     pub perm: Permissions,
 }
 
-/// Length of `iova..=last` for the IOTLB, whose ranges are half-open: a
-/// range reaching u64::MAX loses its very last byte.
-fn span(iova: u64, last: u64) -> usize {
-    let end = last.saturating_add(1);
-    usize::try_from(end.saturating_sub(iova)).unwrap_or(usize::MAX)
-}
-
 /// What one endpoint can reach right now.
 #[derive(Debug, Default)]
 struct EndpointTlb {
-    iotlb: Iotlb,
+    /// Every address is its own guest-physical address.
+    identity: bool,
+    tlb: tlb::Tlb,
     /// Attached to a domain: a miss is a mapping fault, not a domain fault.
     attached: bool,
 }
 
 impl EndpointTlb {
     fn identity(&mut self) {
-        self.iotlb.invalidate_all();
-        let _ = self.iotlb.set_mapping(
-            GuestAddress(0),
-            GuestAddress(0),
-            span(0, u64::MAX),
-            Permissions::ReadWrite,
-        );
+        self.tlb.clear();
+        self.identity = true;
     }
 
-    fn insert(&mut self, m: &DmaMapping) {
-        // Never fails: the IOTLB takes any range.
-        let _ = self
-            .iotlb
-            .set_mapping(GuestAddress(m.iova), GuestAddress(m.phys), span(m.iova, m.last), m.perm);
-    }
-}
-
-/// The read guard a lookup holds while the device copies.
-#[derive(Debug)]
-pub struct IotlbReadGuard<'a>(RwLockReadGuard<'a, EndpointTlb>);
-
-impl Deref for IotlbReadGuard<'_> {
-    type Target = Iotlb;
-
-    fn deref(&self) -> &Iotlb {
-        &self.0.iotlb
+    fn nothing(&mut self) {
+        self.tlb.clear();
+        self.identity = false;
     }
 }
 
@@ -229,6 +215,14 @@ struct EndpointState {
     tlb: RwLock<EndpointTlb>,
     binding: OnceLock<Binding>,
     faults: AtomicU64,
+    /// Checked after translation, under the `tlb` read lock.
+    gate: Option<Arc<SharedPages>>,
+    /// Accesses the gate refused (private pages).
+    private_denied: AtomicU64,
+    /// Who is translated here, for the logs.
+    owner: String,
+    /// Guest-physical addresses as they are: nothing to fault on.
+    identity: bool,
 }
 
 /// The per-endpoint half of an IOMMU: translations a device may use when
@@ -240,8 +234,47 @@ pub struct DmaTranslation {
 }
 
 impl DmaTranslation {
+    /// An endpoint with no gate: every page it translates to is reachable.
     pub fn new() -> DmaTranslation {
         DmaTranslation::default()
+    }
+
+    fn gated(gate: &Arc<SharedPages>, owner: &str, identity: bool) -> DmaTranslation {
+        let mut tlb = EndpointTlb::default();
+        if identity {
+            tlb.identity();
+        }
+        let state = Arc::new(EndpointState {
+            tlb: RwLock::new(tlb),
+            gate: Some(gate.clone()),
+            owner: owner.to_string(),
+            identity,
+            ..Default::default()
+        });
+        gate.register(Arc::downgrade(&state));
+        DmaTranslation { state }
+    }
+
+    /// Guest-physical addresses as they are (IOMMU-bypass, or
+    /// ACCESS_PLATFORM without a vIOMMU), limited to what `gate` allows.
+    pub fn identity(gate: &Arc<SharedPages>, owner: &str) -> DmaTranslation {
+        DmaTranslation::gated(gate, owner, true)
+    }
+
+    /// A vIOMMU endpoint whose translations land only on pages `gate`
+    /// allows.
+    pub fn gated_endpoint(gate: &Arc<SharedPages>, owner: &str) -> DmaTranslation {
+        DmaTranslation::gated(gate, owner, false)
+    }
+
+    /// Accesses refused because they reached private pages.
+    pub fn private_denied(&self) -> u64 {
+        self.state.private_denied.load(Ordering::Relaxed)
+    }
+
+    #[cfg(test)]
+    fn begin_access_for_test(&self) -> std::sync::RwLockReadGuard<'_, EndpointTlb> {
+        self.state.tlb.read().unwrap()
     }
 
     /// The endpoint ID a vIOMMU gave it, if one did.
@@ -270,41 +303,53 @@ impl DmaTranslation {
     }
 
     /// Not attached: identity (bypass) or nothing at all.
-    pub(crate) fn show_detached(&self, bypass: bool) {
+    pub fn show_detached(&self, bypass: bool) {
         let mut tlb = self.write();
         tlb.attached = false;
         if bypass {
             tlb.identity();
         } else {
-            tlb.iotlb.invalidate_all();
+            tlb.nothing();
         }
     }
 
     /// Attached to a bypass domain (identity), or to a domain with
     /// `mappings`; replaces whatever was there in one step.
-    pub(crate) fn show_domain<'a>(&self, bypass: bool, mappings: impl Iterator<Item = &'a DmaMapping>) {
+    pub fn show_domain<'a>(&self, bypass: bool, mappings: impl Iterator<Item = &'a DmaMapping>) {
         let mut tlb = self.write();
         tlb.attached = true;
         if bypass {
             tlb.identity();
         } else {
-            tlb.iotlb.invalidate_all();
+            tlb.nothing();
             for m in mappings {
-                tlb.insert(m);
+                tlb.tlb.insert(*m);
             }
         }
     }
 
-    pub(crate) fn add_mapping(&self, m: &DmaMapping) {
-        self.write().insert(m);
+    pub fn add_mapping(&self, m: &DmaMapping) {
+        self.write().tlb.insert(*m);
     }
 
     /// Removes every translation in `iova..=last`. When this returns, no
     /// access can use them: accesses in flight held the read lock.
-    pub(crate) fn remove_range(&self, iova: u64, last: u64) {
-        self.write()
-            .iotlb
-            .invalidate_mapping(GuestAddress(iova), span(iova, last));
+    pub fn remove_range(&self, iova: u64, last: u64) {
+        self.write().tlb.remove(iova, last);
+    }
+
+    /// Counts and logs an access to a private page; returns the error for
+    /// the device.
+    fn private(&self, iova: u64, length: usize, gpa: u64) -> IommuError {
+        let n = self.state.private_denied.fetch_add(1, Ordering::Relaxed) + 1;
+        // The first few, then one in a thousand: a guest cannot flood the log.
+        if n <= 8 || n.is_multiple_of(1000) {
+            log::warn!(
+                "{}: access to private page at guest-physical {gpa:#x} refused ({n} so far)",
+                self.state.owner
+            );
+        }
+        view::cannot_resolve(iova, length, format!("private page at {gpa:#x}"))
     }
 
     /// Counts and records a failed translation; returns the error for the
@@ -319,64 +364,29 @@ impl DmaTranslation {
                 access,
             });
         }
-        IommuError::CannotResolve {
-            iova_range: IovaRange {
-                base: GuestAddress(iova),
-                length,
-            },
-            reason: format!("{reason:?} fault at {at:#x}"),
-        }
-    }
-}
-
-impl Iommu for DmaTranslation {
-    type IotlbGuard<'a> = IotlbReadGuard<'a>;
-
-    fn translate(
-        &self,
-        iova: GuestAddress,
-        length: usize,
-        access: Permissions,
-    ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
-        // vm-memory adds `length` to `iova` unchecked: refuse wrapping
-        // ranges here (nothing is mapped past the top anyway).
-        if iova.0.checked_add(length as u64).is_none() {
-            return Err(self.fault(iova.0, length, access, FaultReason::Unmapped, iova.0));
-        }
-        let guard = self.state.tlb.read().unwrap_or_else(PoisonError::into_inner);
-        let attached = guard.attached;
-        Iotlb::lookup(IotlbReadGuard(guard), iova, length, access).map_err(|fails| {
-            let (reason, at) = if !attached {
-                (FaultReason::Domain, iova.0)
-            } else if let Some(miss) = fails.misses.first() {
-                (FaultReason::Unmapped, miss.base.0)
-            } else {
-                let at = fails.access_fails.first().map_or(iova.0, |r| r.base.0);
-                (FaultReason::Permission, at)
-            };
-            self.fault(iova.0, length, access, reason, at)
-        })
+        view::cannot_resolve(iova, length, format!("{reason:?} fault at {at:#x}"))
     }
 }
 
 /// Guest memory as a device sees it.
-pub type DmaMemory = IommuMemory<GuestMemoryMmap, DmaTranslation>;
+pub type DmaMemory = DmaView;
 
-/// A view with addresses taken as guest-physical (bypass, or platform
-/// without a vIOMMU).
+/// A view with addresses taken as guest-physical and nothing gated (for
+/// memory no guest can make private, and tests).
 pub fn direct_view(host_view: GuestMemoryMmap) -> DmaMemory {
-    IommuMemory::new(host_view, DmaTranslation::default(), false, ())
+    DmaView::ungated(host_view)
 }
 
-/// A view whose addresses are IOVAs of the endpoint `translation`.
+/// A view whose addresses go through `translation`: an identity one
+/// (`DmaTranslation::identity`) or a vIOMMU endpoint.
 pub fn translated_view(host_view: GuestMemoryMmap, translation: Arc<DmaTranslation>) -> DmaMemory {
-    IommuMemory::new(host_view, DmaTranslation::clone(&translation), true, ())
+    DmaView::translated(host_view, translation)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemory};
+    use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
     fn host() -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
@@ -411,10 +421,6 @@ mod tests {
 
     #[test]
     fn translated_view_without_mappings_refuses_everything() {
-        let mut view = direct_view(host());
-        view.set_iommu_enabled(true);
-        assert!(view.read_obj::<u32>(GuestAddress(0x100)).is_err());
-        assert!(view.read_obj::<u32>(GuestAddress(u64::MAX - 1)).is_err());
         let t = Arc::new(DmaTranslation::new());
         let view = translated_view(host(), t.clone());
         assert!(view.read_obj::<u32>(GuestAddress(0x100)).is_err());
@@ -512,6 +518,48 @@ mod tests {
     }
 
     #[test]
+    fn the_gate_applies_after_translation_in_both_views() {
+        struct Nothing;
+        impl HostProtection for Nothing {
+            fn set_accessible(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mem = host();
+        let gate = Arc::new(SharedPages::new(&[(0, 0x10000)]));
+        let direct = translated_view(mem.clone(), Arc::new(DmaTranslation::identity(&gate, "blk0")));
+        let t = Arc::new(DmaTranslation::gated_endpoint(&gate, "net0"));
+        let translated = translated_view(mem.clone(), t.clone());
+        // IOVA 0x10_0000.. -> 0x3000..0x5000: one page shared, one private.
+        t.show_domain(false, [map(0x10_0000, 0x2000, 0x3000, Permissions::ReadWrite)].iter());
+        mem.write_obj(0x5a_u8, GuestAddress(0x4000)).unwrap();
+        assert_eq!(
+            direct.read_obj::<u8>(GuestAddress(0x4000)).unwrap(),
+            0x5a,
+            "ordinary VM"
+        );
+        assert_eq!(translated.read_obj::<u8>(GuestAddress(0x10_1000)).unwrap(), 0x5a);
+
+        gate.enter_secure(0x3000, 1, &Nothing).unwrap();
+        assert!(direct.read_obj::<u8>(GuestAddress(0x4000)).is_err());
+        assert!(direct.write_obj(1_u8, GuestAddress(0x4000)).is_err());
+        assert!(translated.read_obj::<u8>(GuestAddress(0x10_1000)).is_err());
+        assert!(
+            translated.read_obj::<u16>(GuestAddress(0x10_0fff)).is_err(),
+            "straddling"
+        );
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x4000)).unwrap(),
+            0x5a,
+            "nothing written"
+        );
+        direct.write_obj(7_u8, GuestAddress(0x3000)).unwrap();
+        assert_eq!(translated.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 7);
+        assert_eq!(t.private_denied(), 2);
+        assert_eq!(t.faults(), 0, "a private page is not an IOMMU fault");
+    }
+
+    #[test]
     fn the_fault_queue_is_bounded_and_signals_once() {
         let q = FaultQueue::new(2).unwrap();
         let f = |iova| Fault {
@@ -530,50 +578,5 @@ mod tests {
         q.clear();
         assert!(q.is_empty());
         assert_eq!(q.take_counts(), (0, 1));
-    }
-
-    /// Warm lookups, for benchmarks: `cargo test -p veil-devices --release
-    /// -- --ignored --nocapture warm_lookup`.
-    #[test]
-    #[ignore]
-    fn warm_lookup_cost() {
-        let n = 1_000_000u64;
-        for count in [1u64, 64, 1024] {
-            let (t, _faults) = bound(1);
-            let maps: Vec<DmaMapping> = (0..count)
-                .map(|i| {
-                    map(
-                        0x100_0000 + i * 0x2000,
-                        0x1000,
-                        (i % 8) * 0x1000,
-                        Permissions::ReadWrite,
-                    )
-                })
-                .collect();
-            t.show_domain(false, maps.iter());
-            let view = translated_view(host(), t.clone());
-            let start = std::time::Instant::now();
-            for i in 0..n {
-                let iova = 0x100_0000 + (i % count) * 0x2000 + 0x10;
-                let mut it = t.translate(GuestAddress(iova), 64, Permissions::Read).unwrap();
-                std::hint::black_box(it.next());
-            }
-            let lookup = start.elapsed().as_nanos() as f64 / n as f64;
-            let start = std::time::Instant::now();
-            for i in 0..n {
-                let iova = 0x100_0000 + (i % count) * 0x2000 + 0x10;
-                std::hint::black_box(view.read_obj::<u64>(GuestAddress(iova)).unwrap());
-            }
-            let read = start.elapsed().as_nanos() as f64 / n as f64;
-            println!("{count} mappings: warm lookup {lookup:.1} ns, translated 8-byte read {read:.1} ns");
-            assert_eq!(t.faults(), 0);
-        }
-        let direct = direct_view(host());
-        let start = std::time::Instant::now();
-        for i in 0..n {
-            std::hint::black_box(direct.read_obj::<u64>(GuestAddress((i % 8) * 0x1000 + 0x10)).unwrap());
-        }
-        let read = start.elapsed().as_nanos() as f64 / n as f64;
-        println!("untranslated 8-byte read {read:.1} ns");
     }
 }

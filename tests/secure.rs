@@ -1,0 +1,188 @@
+//! A secure guest's devices (docs/ultracall.md, docs/dma.md): the built-in
+//! test guest's `probe.mode=secure` enters secure mode keeping only its DMA
+//! pool shared and checks what its devices can still reach. Here: the
+//! guest's checks, its exit status, and what reached the disk image, the
+//! logs and the metrics, on both transports.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+const SEED: u64 = 0x7665_696c;
+/// The probe's seed change for I/O after ESM (secure_checks.rs).
+const SECOND: u64 = 0x5EC0_0000;
+/// The secret `secret` hides in private memory; built from parts, as the
+/// probe does, so that this file's own bytes are no accidental match.
+fn secret_marker() -> Vec<u8> {
+    [&b"VEIL-"[..], b"SECRET-", b"7f3a"].concat()
+}
+
+fn pattern_word(seed: u64, s: u64, i: u64) -> u64 {
+    (seed ^ (s << 16) ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Whether sectors `first..first + n` of `data` hold the pattern of `seed`.
+fn holds_pattern(data: &[u8], seed: u64, first: u64, n: u64) -> bool {
+    (first..first + n).all(|s| {
+        let sector = &data[s as usize * 512..(s as usize + 1) * 512];
+        sector
+            .chunks_exact(8)
+            .enumerate()
+            .all(|(i, w)| u64::from_le_bytes(w.try_into().unwrap()) == pattern_word(seed, s, i as u64))
+    })
+}
+
+struct Run {
+    out: Output,
+    disk: PathBuf,
+    metrics: Value,
+    metrics_text: String,
+}
+
+/// One `probe.mode=secure` run of `case` on `transport` with a fresh 1 MiB
+/// disk; the guest must pass every check and exit 0.
+fn run_case(case: &str, transport: &str, dma: &str, policy: &str, net: bool) -> Run {
+    let disk = scratch(&format!("secure-{case}-{transport}.img"));
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let metrics = scratch(&format!("secure-{case}-{transport}.json"));
+    let disk_arg = format!("path={},transport={transport}", disk.display());
+    let net_arg = format!("loopback,transport={transport}");
+    let cmdline = format!("probe.mode=secure probe.secure_case={case} probe.dma={policy}");
+    let m = metrics.display().to_string();
+    let mut args = vec![
+        "run",
+        "--memory",
+        "128M",
+        "--timeout",
+        "90",
+        "--dma",
+        dma,
+        "--disk",
+        &disk_arg,
+        "--metrics",
+        &m,
+        "--cmdline",
+        &cmdline,
+    ];
+    if net {
+        args.extend_from_slice(&["--net", &net_arg]);
+    }
+    let out = run_veil(&args, LIMIT);
+    let checks: Vec<&str> = out.stdout.lines().filter(|l| l.contains("SECURE-CHECK")).collect();
+    assert!(
+        checks.iter().all(|l| !l.contains(" FAIL")),
+        "failed checks: {checks:#?}\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("PROBE SECURE-CHECK verdict result=pass failed=0"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let metrics_text = std::fs::read_to_string(&metrics).unwrap();
+    let metrics: Value = serde_json::from_str(&metrics_text).unwrap();
+    assert_eq!(metrics["secure"]["secure"], true, "{}", metrics["secure"]);
+    Run {
+        out,
+        disk,
+        metrics,
+        metrics_text,
+    }
+}
+
+fn private_denied(m: &Value, dev: &str) -> u64 {
+    m["devices"][dev]["counters"]["dma_private_denied"].as_u64().unwrap()
+}
+
+fn bounce(transport: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_case("bounce", transport, "platform", "bounce", false);
+    let data = std::fs::read(&r.disk).unwrap();
+    assert!(holds_pattern(&data, SEED, 0, 8), "sectors 0..8: the write before ESM");
+    assert!(
+        holds_pattern(&data, SEED ^ SECOND, 8, 8),
+        "sectors 8..16: the write after ESM"
+    );
+    // Everything went through the shared pool: nothing was refused.
+    assert_eq!(private_denied(&r.metrics, "blk0"), 0, "{}", r.metrics["devices"]);
+}
+
+fn bypass(transport: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_case("bypass", transport, "bypass", "identity", false);
+    let data = std::fs::read(&r.disk).unwrap();
+    assert!(holds_pattern(&data, SEED, 0, 8), "sectors 0..8: the write before ESM");
+    assert!(
+        data[16 * 512..24 * 512].iter().all(|&b| b == 0),
+        "the refused write reached the disk"
+    );
+    assert!(private_denied(&r.metrics, "blk0") >= 2, "{}", r.metrics["devices"]);
+    assert!(
+        r.out.stderr.contains("access to private page"),
+        "veil logs the refusal: {}",
+        r.out.stderr
+    );
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn secret(transport: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_case("secret", transport, "bypass", "identity", true);
+    let marker = secret_marker();
+    let image = std::fs::read(&r.disk).unwrap();
+    for (what, bytes) in [
+        ("disk image", image.as_slice()),
+        ("stdout", r.out.stdout.as_bytes()),
+        ("stderr", r.out.stderr.as_bytes()),
+        ("metrics", r.metrics_text.as_bytes()),
+    ] {
+        assert!(!contains(bytes, &marker), "the secret leaked into the {what}");
+    }
+    assert!(private_denied(&r.metrics, "blk0") > 0, "{}", r.metrics["devices"]);
+    assert!(private_denied(&r.metrics, "net0") > 0, "{}", r.metrics["devices"]);
+}
+
+#[test]
+fn bounce_buffers_carry_io_after_esm_over_mmio() {
+    bounce("mmio");
+}
+
+#[test]
+fn bounce_buffers_carry_io_after_esm_over_pci() {
+    bounce("pci");
+}
+
+#[test]
+fn private_buffers_fail_with_ioerr_in_bypass_over_mmio() {
+    bypass("mmio");
+}
+
+#[test]
+fn private_buffers_fail_with_ioerr_in_bypass_over_pci() {
+    bypass("pci");
+}
+
+#[test]
+fn a_secret_in_private_memory_reaches_no_device_over_mmio() {
+    secret("mmio");
+}
+
+#[test]
+fn a_secret_in_private_memory_reaches_no_device_over_pci() {
+    secret("pci");
+}
