@@ -228,7 +228,6 @@ fn blk_counter(m: &serde_json::Value, name: &str) -> u64 {
 /// The motivating scenario: Linux goes secure at run time, shares only its
 /// swiotlb pool and rings, and keeps using its disk through bounce buffers.
 #[test]
-#[ignore = "written at the end of a session and not yet seen passing: run with --ignored"]
 fn linux_secure_with_platform_dma_keeps_its_disk_working() {
     if linux_dir().is_none() {
         return;
@@ -250,7 +249,6 @@ fn linux_secure_with_platform_dma_keeps_its_disk_working() {
 /// The same guest with bypass DMA: its I/O after ESM uses private pages and
 /// fails, veil refuses every such access, keeps running and says so.
 #[test]
-#[ignore = "written at the end of a session and not yet seen passing: run with --ignored"]
 fn linux_secure_with_bypass_dma_fails_safely() {
     if linux_dir().is_none() {
         return;
@@ -273,7 +271,6 @@ fn linux_secure_with_bypass_dma_fails_safely() {
 /// `--dma auto`: veil asks for a reset at ESM; whatever Linux does about it
 /// is recorded, and veil stays up with every private access refused.
 #[test]
-#[ignore = "written at the end of a session and not yet seen passing: run with --ignored"]
 fn linux_secure_with_auto_dma_is_recorded() {
     if linux_dir().is_none() {
         return;
@@ -294,7 +291,6 @@ fn linux_secure_with_auto_dma_is_recorded() {
 /// and writes and reads it through translated DMA (checked by the guest's
 /// read-back); veil's vIOMMU counted the maps and unmaps.
 #[test]
-#[ignore = "written at the end of a session and not yet seen passing: run with --ignored"]
 fn linux_reads_and_writes_its_disk_through_virtio_iommu() {
     if linux_dir().is_none() {
         return;
