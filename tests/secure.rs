@@ -15,6 +15,11 @@ const LIMIT: Duration = Duration::from_secs(120);
 const SEED: u64 = 0x7665_696c;
 /// The probe's seed change for I/O after ESM (secure_checks.rs).
 const SECOND: u64 = 0x5EC0_0000;
+/// `unshare`: the seed change of the last round, and where its requests
+/// go (4 of 64 KiB from sector 64; secure_checks.rs).
+const THIRD: u64 = 0x0DD0_0000;
+const RACE_SECTOR: u64 = 64;
+const RACE_SECTORS: u64 = 4 * 128;
 /// The secret `secret` hides in private memory; built from parts, as the
 /// probe does, so that this file's own bytes are no accidental match.
 fn secret_marker() -> Vec<u8> {
@@ -96,8 +101,21 @@ fn run_case(case: &str, transport: &str, dma: &str, policy: &str, net: bool) -> 
     }
 }
 
+fn counter(m: &Value, dev: &str, name: &str) -> u64 {
+    m["devices"][dev]["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} for {dev}: {}", m["devices"]))
+}
+
 fn private_denied(m: &Value, dev: &str) -> u64 {
-    m["devices"][dev]["counters"]["dma_private_denied"].as_u64().unwrap()
+    counter(m, dev, "dma_private_denied")
+}
+
+/// veil itself stayed up: it logged no panic and no signal.
+fn veil_did_not_crash(r: &Run) {
+    for bad in ["panicked", "SIGSEGV", "SIGBUS"] {
+        assert!(!r.out.stderr.contains(bad), "veil: {bad}\n{}", r.out.stderr);
+    }
 }
 
 fn bounce(transport: &str) {
@@ -132,6 +150,64 @@ fn bypass(transport: &str) {
         "veil logs the refusal: {}",
         r.out.stderr
     );
+}
+
+fn auto(transport: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_case("auto", transport, "auto", "bounce", false);
+    for step in [
+        "no_platform_before_esm ok",
+        "before_esm ok",
+        "esm ok",
+        "needs_reset ok",
+        "reset ok",
+        "platform_after_reset ok",
+        "after_reset ok",
+        "bounced ok",
+        "reread_before ok",
+    ] {
+        assert!(r.out.stdout.contains(&format!("SECURE-CHECK {step}")), "{step}:\n{}", r.out.stdout);
+    }
+    let data = std::fs::read(&r.disk).unwrap();
+    assert!(holds_pattern(&data, SEED, 0, 8), "sectors 0..8: the write before ESM");
+    assert!(
+        holds_pattern(&data, SEED ^ SECOND, 8, 8),
+        "sectors 8..16: the write after renegotiation"
+    );
+    assert!(counter(&r.metrics, "blk0", "needs_reset") >= 1, "{}", r.metrics["devices"]);
+    assert!(counter(&r.metrics, "blk0", "activations") >= 2, "{}", r.metrics["devices"]);
+    // After ESM the probe used only its shared pool (bounce pages).
+    assert_eq!(private_denied(&r.metrics, "blk0"), 0, "{}", r.metrics["devices"]);
+    veil_did_not_crash(&r);
+}
+
+fn unshare(transport: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_case("unshare", transport, "platform", "bounce", false);
+    for step in [
+        "share ok",
+        "direct_before ok",
+        "unshare ok",
+        "race_completed ok",
+        "query ok",
+        "share_again ok",
+        "direct_after ok",
+    ] {
+        assert!(r.out.stdout.contains(&format!("SECURE-CHECK {step}")), "{step}:\n{}", r.out.stdout);
+    }
+    let data = std::fs::read(&r.disk).unwrap();
+    assert!(
+        holds_pattern(&data, SEED ^ THIRD, RACE_SECTOR, RACE_SECTORS),
+        "the last round's writes are on the disk"
+    );
+    let calls = &r.metrics["secure"]["calls"];
+    assert!(calls["unshare"].as_u64().unwrap() >= 1, "{}", r.metrics["secure"]);
+    assert!(calls["share"].as_u64().unwrap() >= 2, "{}", r.metrics["secure"]);
+    veil_did_not_crash(&r);
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -185,4 +261,24 @@ fn a_secret_in_private_memory_reaches_no_device_over_mmio() {
 #[test]
 fn a_secret_in_private_memory_reaches_no_device_over_pci() {
     secret("pci");
+}
+
+#[test]
+fn auto_dma_renegotiates_access_platform_after_esm_over_mmio() {
+    auto("mmio");
+}
+
+#[test]
+fn auto_dma_renegotiates_access_platform_after_esm_over_pci() {
+    auto("pci");
+}
+
+#[test]
+fn unshare_during_io_fails_requests_cleanly_over_mmio() {
+    unshare("mmio");
+}
+
+#[test]
+fn unshare_during_io_fails_requests_cleanly_over_pci() {
+    unshare("pci");
 }

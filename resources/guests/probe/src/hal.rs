@@ -106,6 +106,7 @@ impl DmaPolicy {
         match self {
             DmaPolicy::Identity => addr,
             DmaPolicy::Lazy | DmaPolicy::Bounce if pool::contains(addr, len) => addr,
+            DmaPolicy::Bounce if in_direct_range(addr, len) => addr,
             DmaPolicy::Lazy | DmaPolicy::Bounce => bounce_in(addr, len, direction),
             DmaPolicy::Strict => {
                 let first = addr & !(PAGE - 1);
@@ -136,6 +137,25 @@ impl DmaPolicy {
             }
         }
     }
+}
+
+/// A range outside the pool whose buffers the bounce policy gives to
+/// devices as they are (base, length; length 0 = none). The `unshare`
+/// check (virtio/secure_checks.rs) SHAREs such a range after ESM and
+/// needs the device to use it directly, so that taking it back (UNSHARE)
+/// races requests that are really using it, not bounce copies in the pool.
+static DIRECT_BASE: AtomicU64 = AtomicU64::new(0);
+static DIRECT_LEN: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_direct_range(base: u64, len: u64) {
+    DIRECT_BASE.store(base, Ordering::Relaxed);
+    DIRECT_LEN.store(len, Ordering::Relaxed);
+}
+
+fn in_direct_range(addr: u64, len: usize) -> bool {
+    let base = DIRECT_BASE.load(Ordering::Relaxed);
+    let end = base + DIRECT_LEN.load(Ordering::Relaxed);
+    addr >= base && addr.saturating_add(len as u64) <= end && end > base
 }
 
 /// What the device may do with a buffer it is given this way.

@@ -419,6 +419,37 @@ fn devices(info: &BootInfo, acpi: &Acpi) -> Option<(Vec<Device>, bool)> {
     Some((devs, broken.is_empty() && iommu_ok))
 }
 
+/// The device `name` found afresh, with a new transport: for a check that
+/// must set a device up from scratch after resetting it (its old driver
+/// and transport dropped first). Discovery runs again, so every other
+/// device it finds is dropped here, which resets it: only for modes that
+/// drive nothing else at the time. No vIOMMU endpoint (`secure` has none).
+pub fn rediscover(info: &BootInfo, acpi: &Acpi, name: Name) -> Option<Device> {
+    let (found, _) = discover::discover(info.cmdline, acpi.ecam, boot::mapped_end());
+    let cached_notify = param(info.cmdline, "probe.pci_notify") != Some(b"crate");
+    // Named as `devices` names them: per kind, in discovery order.
+    let mut index = 0;
+    for f in found {
+        if kind_name(f.transport.device_type()) != name.kind {
+            continue;
+        }
+        if index != name.index {
+            index += 1;
+            continue;
+        }
+        if f.bus.name() != name.bus {
+            return None;
+        }
+        let t = Probed::new(f.transport, f.notify, cached_notify, mmio_base(&f.bus, f.addr), None);
+        return Some(Device {
+            stats: t.stats(),
+            transport: t,
+            name,
+        });
+    }
+    None
+}
+
 fn mmio_base(bus: &discover::Bus, addr: u64) -> Option<u64> {
     matches!(bus, discover::Bus::Mmio).then_some(addr)
 }

@@ -12,6 +12,18 @@
 //! * `secret`: a secret pattern in private memory; a block write and a net
 //!   transmission from it must fail, and nothing may come back on the
 //!   loopback. The host greps every output for it.
+//! * `auto` (--dma auto, probe.dma=bounce): the disk offers no
+//!   ACCESS_PLATFORM before ESM and block I/O works; after ESM veil sets
+//!   DEVICE_NEEDS_RESET; the probe resets the device and sets it up from
+//!   scratch, now with ACCESS_PLATFORM offered and accepted, and block I/O
+//!   works through bounce pages. Host: pattern `seed` in sectors 0..8,
+//!   `seed ^ SECOND` in 8..16.
+//! * `unshare` (--dma platform, probe.dma=bounce): after ESM the probe
+//!   SHAREs a range of the heap and gives it to the disk directly as data
+//!   buffers; `RACE` requests are released to the device at once and the
+//!   range is UNSHAREd straight after. Each must complete, OK or IOERR;
+//!   then the range is SHAREd again and a write/read-back round must
+//!   succeed. Host: pattern `seed ^ THIRD` in `RACE_SECTOR` onwards.
 //!
 //! Request headers and status bytes live in a pool page, so the device can
 //! always answer (IOERR) even when the data is out of its reach.
@@ -20,10 +32,13 @@ use alloc::vec::Vec;
 use core::hint::spin_loop;
 
 use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus};
+use virtio_drivers::transport::InterruptStatus;
 
 use super::blk::{fill, first_mismatch, Blk};
 use super::net::Net;
+use super::transport::{Stats, F_ACCESS_PLATFORM};
 use super::{error_name, Buf, Device, TIMEOUT};
+use crate::acpi::Acpi;
 use crate::bootinfo::{param, BootInfo};
 use crate::hal;
 use crate::secure;
@@ -40,6 +55,16 @@ const LEN: usize = SECTORS * 512;
 const REFUSED_SECTOR: u64 = 16;
 /// Fill of a buffer a refused read must leave alone.
 const MARK: u8 = 0xA5;
+/// Changes the block pattern's seed for `unshare`'s last round.
+pub const THIRD: u64 = 0x0DD0_0000;
+/// `unshare`: requests in flight when the range is taken back (at most 5:
+/// the queue has 16 descriptors, 3 per request without indirect tables),
+/// each this long, from this sector on, one after the other.
+const RACE: usize = 4;
+const RACE_LEN: usize = 64 * 1024;
+const RACE_SECTOR: u64 = 64;
+/// The device status bit veil sets when the driver must reset it.
+const DEVICE_NEEDS_RESET: u32 = 0x40;
 
 /// One check's verdict, counted.
 struct Checks {
@@ -303,6 +328,289 @@ fn case_secret(c: &mut Checks, devs: &mut Vec<Device>) {
     drop(s);
 }
 
+/// Reads `reg` until `done` holds of it or TIMEOUT passes; the last value.
+fn poll_status(reg: super::transport::StatusReg, done: impl Fn(u32) -> bool) -> u32 {
+    let start = rdtsc();
+    let mut st = reg.read();
+    while !done(st) && rdtsc() - start < TIMEOUT {
+        spin_loop();
+        st = reg.read();
+    }
+    st
+}
+
+fn case_auto(c: &mut Checks, devs: &mut Vec<Device>, seed: u64, info: &BootInfo, acpi: &Acpi) {
+    let Some(dev) = first_of(devs, "blk") else {
+        return c.check("blk_present", false);
+    };
+    let name = dev.name;
+    let stats = dev.stats.clone();
+    let mut blk = match Blk::new(dev.transport) {
+        Ok(b) => b,
+        Err(_) => return c.check("blk_init", false),
+    };
+    let Some(hdr) = pool_hdr() else {
+        return c.check("pool_room", false);
+    };
+    // An ordinary guest's `auto` device runs as in bypass: no ACCESS_PLATFORM.
+    let offered = stats.offered.get();
+    c.failed += u32::from(offered & F_ACCESS_PLATFORM != 0);
+    Line::new("SECURE-CHECK")
+        .word("no_platform_before_esm")
+        .word(if offered & F_ACCESS_PLATFORM == 0 { "ok" } else { "FAIL" })
+        .hex("offered", offered)
+        .emit();
+    write_verify(c, "before_esm", &mut blk, hdr, seed, 0);
+    if !esm(c) {
+        return;
+    }
+    let Some(reg) = stats.status_reg.get() else {
+        return c.check("status_reg", false);
+    };
+    // veil marks the device at ESM; polled, as interrupts stay off.
+    let st = poll_status(reg, |s| s & DEVICE_NEEDS_RESET != 0);
+    // The configuration interrupt's cause, if the transport shows one
+    // (informative: with MSI-X a virtio-pci device need not set the ISR).
+    let irq = blk.ack_interrupt();
+    let config = irq.contains(InterruptStatus::DEVICE_CONFIGURATION_INTERRUPT);
+    let pass = st & DEVICE_NEEDS_RESET != 0;
+    c.failed += u32::from(!pass);
+    Line::new("SECURE-CHECK")
+        .word("needs_reset")
+        .word(if pass { "ok" } else { "FAIL" })
+        .hex("status", u64::from(st))
+        .dec("config_irq", u64::from(config))
+        .emit();
+    // Reset behind the driver's back, then let it go: its Drop stops the
+    // queue and resets again, which a reset device takes in its stride.
+    reg.reset();
+    let st = poll_status(reg, |s| s == 0);
+    c.failed += u32::from(st != 0);
+    Line::new("SECURE-CHECK")
+        .word("reset")
+        .word(if st == 0 { "ok" } else { "FAIL" })
+        .hex("status", u64::from(st))
+        .emit();
+    drop(blk);
+    // From scratch: a new transport, a new driver, a new negotiation.
+    let Some(dev) = super::rediscover(info, acpi, name) else {
+        return c.check("rediscover", false);
+    };
+    let stats = dev.stats.clone();
+    let mut blk = match Blk::new(dev.transport) {
+        Ok(b) => b,
+        Err(e) => return c.check_got("reinit", false, error_name(&e)),
+    };
+    let (offered, accepted) = (stats.offered.get(), stats.accepted.get());
+    let pass = offered & accepted & F_ACCESS_PLATFORM != 0 && !stats.refused.get();
+    c.failed += u32::from(!pass);
+    Line::new("SECURE-CHECK")
+        .word("platform_after_reset")
+        .word(if pass { "ok" } else { "FAIL" })
+        .hex("offered", offered)
+        .hex("accepted", accepted)
+        .emit();
+    let before = hal::counts().bounces;
+    write_verify(c, "after_reset", &mut blk, hdr, seed ^ SECOND, SECTORS as u64);
+    // Data buffers live on the (private) heap: they must have bounced.
+    c.check("bounced", hal::counts().bounces > before);
+    let mut back = Buf::new(LEN);
+    let r = io(&mut blk, hdr, false, 0, back.as_mut_slice());
+    let same = first_mismatch(seed, 0, back.as_slice()).is_none();
+    c.check("reread_before", r == "ok" && same);
+}
+
+/// `RACE` requests on consecutive `RACE_LEN` pieces of `data`, from
+/// `RACE_SECTOR` on, writes where `write(i)`, all released to the device
+/// by one notification, after which `then` runs. Each request's outcome
+/// ("ok", "io_error", ...; "timeout" if it never completed), or why the
+/// batch could not be submitted.
+fn batch(
+    blk: &mut Blk,
+    stats: &Stats,
+    hdrs: &mut [&'static mut Hdr],
+    data: &mut [u8],
+    write: impl Fn(usize) -> bool,
+    then: impl FnOnce(),
+) -> Result<[&'static str; RACE], &'static str> {
+    let mut bufs: Vec<&mut [u8]> = data.chunks_mut(RACE_LEN).collect();
+    let mut tokens = [0u16; RACE];
+    stats.hold_notify();
+    for (i, (hdr, buf)) in hdrs.iter_mut().zip(bufs.iter_mut()).enumerate() {
+        hdr.resp = BlkResp::default();
+        let sector = RACE_SECTOR + (i * RACE_LEN / 512) as u64;
+        // SAFETY: header, status and buffer stay put until the request
+        // completes below (or, on a timeout, forever: the header is
+        // 'static and the caller leaks `data`).
+        let t = unsafe {
+            if write(i) {
+                blk.write_blocks_nb(sector as usize, &mut hdr.req, buf, &mut hdr.resp)
+            } else {
+                blk.read_blocks_nb(sector as usize, &mut hdr.req, buf, &mut hdr.resp)
+            }
+        };
+        match t {
+            Ok(t) => tokens[i] = t,
+            Err(e) => {
+                // Whatever was queued still goes out, so that it completes.
+                stats.release();
+                return Err(error_name(&e));
+            }
+        }
+    }
+    if !stats.release() {
+        return Err("no_doorbell");
+    }
+    then();
+    let mut got = ["timeout"; RACE];
+    let mut left = RACE;
+    let start = rdtsc();
+    while left > 0 && rdtsc() - start < TIMEOUT {
+        let Some(token) = blk.peek_used() else {
+            spin_loop();
+            continue;
+        };
+        let Some(i) = (0..RACE).find(|&i| tokens[i] == token && got[i] == "timeout") else {
+            return Err("unknown_token");
+        };
+        let hdr = &mut hdrs[i];
+        // SAFETY: the same header, buffer and status as at submission.
+        let r = unsafe {
+            if write(i) {
+                blk.complete_write_blocks(token, &hdr.req, bufs[i], &mut hdr.resp)
+            } else {
+                blk.complete_read_blocks(token, &hdr.req, bufs[i], &mut hdr.resp)
+            }
+        };
+        got[i] = match r {
+            Ok(()) => "ok",
+            Err(e) => error_name(&e),
+        };
+        left -= 1;
+    }
+    Ok(got)
+}
+
+/// Writes the pattern of `seed` through the range, reads it back into the
+/// zeroed range, compares; one SECURE-CHECK line.
+fn race_round(c: &mut Checks, name: &str, blk: &mut Blk, stats: &Stats, hdrs: &mut [&'static mut Hdr], data: &mut [u8], seed: u64) {
+    fill(seed, RACE_SECTOR, data);
+    let before = hal::counts().bounces;
+    let w = batch(blk, stats, hdrs, data, |_| true, || {});
+    data.fill(0);
+    let r = batch(blk, stats, hdrs, data, |_| false, || {});
+    // The range is given to the device as it is, and the headers live in
+    // the pool: nothing may have bounced.
+    let bounces = hal::counts().bounces - before;
+    let all_ok = |b: &Result<[&str; RACE], &str>| matches!(b, Ok(g) if g.iter().all(|&x| x == "ok"));
+    let same = first_mismatch(seed, RACE_SECTOR, data).is_none();
+    let pass = all_ok(&w) && all_ok(&r) && same && bounces == 0;
+    c.failed += u32::from(!pass);
+    Line::new("SECURE-CHECK")
+        .word(name)
+        .word(if pass { "ok" } else { "FAIL" })
+        .text("write", summary(&w).as_bytes())
+        .text("read", summary(&r).as_bytes())
+        .dec("same", same as u64)
+        .dec("bounces", bounces)
+        .emit();
+}
+
+/// "ok" when every request of a batch was, else the first other outcome.
+fn summary(b: &Result<[&'static str; RACE], &'static str>) -> &'static str {
+    match b {
+        Ok(g) => g.iter().copied().find(|&x| x != "ok").unwrap_or("ok"),
+        Err(e) => e,
+    }
+}
+
+fn case_unshare(c: &mut Checks, devs: &mut Vec<Device>, seed: u64) {
+    // Without indirect tables (which virtio-drivers puts on the heap and
+    // the policy would bounce), a request's only buffer outside the pool
+    // is its data, so "nothing bounced" shows the range was used directly.
+    secure::set_direct_only();
+    let Some(dev) = first_of(devs, "blk") else {
+        return c.check("blk_present", false);
+    };
+    let stats = dev.stats.clone();
+    let mut blk = match Blk::new(dev.transport) {
+        Ok(b) => b,
+        Err(_) => return c.check("blk_init", false),
+    };
+    let mut hdrs: Vec<&'static mut Hdr> = Vec::new();
+    for _ in 0..RACE {
+        let Some(h) = pool_hdr() else {
+            return c.check("pool_room", false);
+        };
+        hdrs.push(h);
+    }
+    if !esm(c) {
+        return;
+    }
+    // Heap memory: private since ESM until shared here.
+    let mut range = Buf::new(RACE * RACE_LEN);
+    let (base, pages) = (range.addr(), (RACE * RACE_LEN) as u64 / uc::PAGE_SIZE);
+    let s = uc::share(base, pages);
+    c.check_got("share", s == uc::OK, status_name(s));
+    hal::set_direct_range(base, (RACE * RACE_LEN) as u64);
+    race_round(c, "direct_before", &mut blk, &stats, &mut hdrs, range.as_mut_slice(), seed ^ SECOND);
+
+    // Even requests write (the device reads the range), odd ones read (it
+    // writes the range); the range is taken back as soon as they are out.
+    fill(seed ^ SECOND, RACE_SECTOR, range.as_mut_slice());
+    let mut unshared = u32::MAX;
+    let got = batch(
+        &mut blk,
+        &stats,
+        &mut hdrs,
+        range.as_mut_slice(),
+        |i| i % 2 == 0,
+        || unshared = uc::unshare(base, pages),
+    );
+    c.check_got("unshare", unshared == uc::OK, status_name(unshared));
+    let (mut ok, mut ioerr, mut other) = (0u64, 0u64, 0u64);
+    if let Ok(g) = &got {
+        for &x in g {
+            match x {
+                "ok" => ok += 1,
+                "io_error" => ioerr += 1,
+                _ => other += 1,
+            }
+        }
+    }
+    let pass = got.is_ok() && other == 0;
+    c.failed += u32::from(!pass);
+    Line::new("SECURE-CHECK")
+        .word("race_completed")
+        .word(if pass { "ok" } else { "FAIL" })
+        .dec("requests", RACE as u64)
+        .dec("ok", ok)
+        .dec("io_error", ioerr)
+        .text("other", summary(&got).as_bytes())
+        .emit();
+    if got.is_err() || other != 0 {
+        // A request may still be the device's: leave the range to it.
+        core::mem::forget(range);
+        return;
+    }
+    // veil is still there and still answers.
+    c.check("query", matches!(uc::query(), Ok(q) if q.secure));
+    let s = uc::share(base, pages);
+    c.check_got("share_again", s == uc::OK, status_name(s));
+    race_round(c, "direct_after", &mut blk, &stats, &mut hdrs, range.as_mut_slice(), seed ^ THIRD);
+}
+
+fn status_name(s: u32) -> &'static str {
+    match s {
+        uc::OK => "ok",
+        uc::NOT_SECURE => "not_secure",
+        uc::OUT_OF_RANGE => "out_of_range",
+        uc::UNALIGNED => "unaligned",
+        u32::MAX => "not_called",
+        _ => "other",
+    }
+}
+
 /// Mode `secure`: find the devices, run `probe.secure_case`.
 pub fn run(info: &BootInfo) -> bool {
     let acpi = crate::acpi::parse(info);
@@ -321,6 +629,8 @@ pub fn run(info: &BootInfo) -> bool {
         b"bounce" => case_bounce(&mut c, &mut devs, seed),
         b"bypass" => case_bypass(&mut c, &mut devs, seed),
         b"secret" => case_secret(&mut c, &mut devs),
+        b"auto" => case_auto(&mut c, &mut devs, seed, info, &acpi),
+        b"unshare" => case_unshare(&mut c, &mut devs, seed),
         _ => {
             Line::new("SECURE-CHECK").text("unknown_case", case).word("FAIL").emit();
             return false;

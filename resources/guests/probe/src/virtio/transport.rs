@@ -48,8 +48,9 @@ pub const F_INDIRECT_DESC: u64 = 1 << 28;
 const COMMON_QUEUE_NOTIFY_OFF: u64 = 0x1E;
 /// Queues whose notify address is cached.
 const NOTIFY_QUEUES: usize = 8;
-/// virtio-mmio QueueSel and QueueReady.
+/// virtio-mmio QueueSel, QueueNotify and QueueReady.
 const MMIO_QUEUE_SEL: u64 = 0x030;
+const MMIO_QUEUE_NOTIFY: u64 = 0x050;
 const MMIO_QUEUE_READY: u64 = 0x044;
 /// Reads of QueueReady before giving up on it turning 0.
 const READY_READS: u32 = 4;
@@ -73,6 +74,67 @@ pub struct Stats {
     /// Its device status register, for checks that must reset the device
     /// behind its driver's back.
     pub status_reg: Cell<Option<StatusReg>>,
+    /// While set, notifications are recorded in `held` instead of written,
+    /// so that a check can put several requests in flight and let the
+    /// device see them all at one moment of its choosing (`release`).
+    pub hold: Cell<bool>,
+    /// Queues notified while `hold` was set, one bit each.
+    pub held: Cell<u32>,
+    /// Per queue: the doorbell `release` writes, found in `queue_set`.
+    pub doorbells: Cell<[Option<Doorbell>; NOTIFY_QUEUES]>,
+}
+
+/// Where a queue's notification is written.
+#[derive(Clone, Copy)]
+pub enum Doorbell {
+    /// virtio-mmio QueueNotify (32 bits).
+    Mmio(u64),
+    /// virtio-pci: the queue's address in the notify region (16 bits).
+    Pci(u64),
+}
+
+impl Doorbell {
+    fn ring(self, queue: u16) {
+        // SAFETY: a notify register of a device the probe found
+        // (QueueNotify, or inside the function's notify region as checked
+        // in queue_set), identity-mapped MMIO.
+        unsafe {
+            match self {
+                Doorbell::Mmio(at) => (at as *mut u32).write_volatile(u32::from(queue)),
+                Doorbell::Pci(at) => (at as *mut u16).write_volatile(queue),
+            }
+        }
+    }
+}
+
+impl Stats {
+    /// Stop writing notifications; `release` writes them.
+    pub fn hold_notify(&self) {
+        self.hold.set(true);
+    }
+
+    /// Notify every queue notified while held, once each, and stop holding.
+    /// False if a queue's doorbell is unknown (virtio-pci with
+    /// `probe.pci_notify=crate`): that notification is lost.
+    pub fn release(&self) -> bool {
+        self.hold.set(false);
+        let held = self.held.replace(0);
+        let doorbells = self.doorbells.get();
+        let mut all = true;
+        for (queue, bell) in doorbells.iter().enumerate() {
+            if held & (1 << queue) == 0 {
+                continue;
+            }
+            match bell {
+                Some(b) => {
+                    b.ring(queue as u16);
+                    self.notifies.set(self.notifies.get() + 1);
+                }
+                None => all = false,
+            }
+        }
+        all
+    }
 }
 
 /// Where a device's status register is.
@@ -192,6 +254,14 @@ impl Probed {
     pub fn stats(&self) -> Rc<Stats> {
         self.stats.clone()
     }
+
+    fn set_doorbell(&self, queue: u16, bell: Doorbell) {
+        let mut bells = self.stats.doorbells.get();
+        if let Some(slot) = bells.get_mut(queue as usize) {
+            *slot = Some(bell);
+            self.stats.doorbells.set(bells);
+        }
+    }
 }
 
 impl Transport for Probed {
@@ -235,6 +305,10 @@ impl Transport for Probed {
     }
 
     fn notify(&mut self, queue: u16) {
+        if self.stats.hold.get() && (queue as usize) < NOTIFY_QUEUES {
+            self.stats.held.set(self.stats.held.get() | 1 << queue);
+            return;
+        }
         self.stats.notifies.set(self.stats.notifies.get() + 1);
         match self.notify_at.get(queue as usize) {
             // SAFETY: an address inside the notify region of this function's
@@ -275,6 +349,9 @@ impl Transport for Probed {
         device_area: PhysAddr,
     ) {
         each!(&mut self.inner, t => t.queue_set(queue, size, descriptors, driver_area, device_area));
+        if let Some(base) = self.mmio {
+            self.set_doorbell(queue, Doorbell::Mmio(base + MMIO_QUEUE_NOTIFY));
+        }
         let (Some(pci), Some(slot)) = (self.pci, self.notify_at.get_mut(queue as usize)) else {
             return;
         };
@@ -283,11 +360,20 @@ impl Transport for Probed {
         let off = unsafe { ((pci.common + COMMON_QUEUE_NOTIFY_OFF) as *const u16).read_volatile() };
         let at = off as u64 * pci.multiplier as u64;
         *slot = if at + 2 <= pci.len { pci.base + at } else { 0 };
+        let at = *slot;
+        if at != 0 {
+            self.set_doorbell(queue, Doorbell::Pci(at));
+        }
     }
 
     fn queue_unset(&mut self, queue: u16) {
         if let Some(slot) = self.notify_at.get_mut(queue as usize) {
             *slot = 0;
+        }
+        let mut bells = self.stats.doorbells.get();
+        if let Some(slot) = bells.get_mut(queue as usize) {
+            *slot = None;
+            self.stats.doorbells.set(bells);
         }
         if let Some(base) = self.mmio {
             let sel = (base + MMIO_QUEUE_SEL) as *mut u32;
