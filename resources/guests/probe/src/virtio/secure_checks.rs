@@ -60,8 +60,8 @@ pub const THIRD: u64 = 0x0DD0_0000;
 /// `unshare`: requests in flight when the range is taken back (at most 5:
 /// the queue has 16 descriptors, 3 per request without indirect tables),
 /// each this long, from this sector on, one after the other.
-const RACE: usize = 4;
-const RACE_LEN: usize = 64 * 1024;
+const RACE: usize = 5;
+const RACE_LEN: usize = 1 << 20;
 const RACE_SECTOR: u64 = 64;
 /// The device status bit veil sets when the driver must reset it.
 const DEVICE_NEEDS_RESET: u32 = 0x40;
@@ -493,7 +493,15 @@ fn batch(
 
 /// Writes the pattern of `seed` through the range, reads it back into the
 /// zeroed range, compares; one SECURE-CHECK line.
-fn race_round(c: &mut Checks, name: &str, blk: &mut Blk, stats: &Stats, hdrs: &mut [&'static mut Hdr], data: &mut [u8], seed: u64) {
+fn race_round(
+    c: &mut Checks,
+    name: &str,
+    blk: &mut Blk,
+    stats: &Stats,
+    hdrs: &mut [&'static mut Hdr],
+    data: &mut [u8],
+    seed: u64,
+) {
     fill(seed, RACE_SECTOR, data);
     let before = hal::counts().bounces;
     let w = batch(blk, stats, hdrs, data, |_| true, || {});
@@ -553,7 +561,15 @@ fn case_unshare(c: &mut Checks, devs: &mut Vec<Device>, seed: u64) {
     let s = uc::share(base, pages);
     c.check_got("share", s == uc::OK, status_name(s));
     hal::set_direct_range(base, (RACE * RACE_LEN) as u64);
-    race_round(c, "direct_before", &mut blk, &stats, &mut hdrs, range.as_mut_slice(), seed ^ SECOND);
+    race_round(
+        c,
+        "direct_before",
+        &mut blk,
+        &stats,
+        &mut hdrs,
+        range.as_mut_slice(),
+        seed ^ SECOND,
+    );
 
     // Even requests write (the device reads the range), odd ones read (it
     // writes the range); the range is taken back as soon as they are out.
@@ -597,7 +613,15 @@ fn case_unshare(c: &mut Checks, devs: &mut Vec<Device>, seed: u64) {
     c.check("query", matches!(uc::query(), Ok(q) if q.secure));
     let s = uc::share(base, pages);
     c.check_got("share_again", s == uc::OK, status_name(s));
-    race_round(c, "direct_after", &mut blk, &stats, &mut hdrs, range.as_mut_slice(), seed ^ THIRD);
+    race_round(
+        c,
+        "direct_after",
+        &mut blk,
+        &stats,
+        &mut hdrs,
+        range.as_mut_slice(),
+        seed ^ THIRD,
+    );
 }
 
 fn status_name(s: u32) -> &'static str {
