@@ -162,6 +162,7 @@ fn auto(transport: &str) {
         "before_esm ok",
         "esm ok",
         "needs_reset ok",
+        "config_interrupt ok",
         "reset ok",
         "platform_after_reset ok",
         "after_reset ok",
