@@ -178,21 +178,30 @@ fn esm(c: &mut Checks) -> bool {
     ok
 }
 
-fn case_bounce(c: &mut Checks, devs: &mut Vec<Device>, seed: u64) {
+/// The start of the bounce and bypass cases: the first disk, a verified
+/// write at sector 0 while the guest is ordinary, then ESM. None (after
+/// recording why) if any of it failed.
+fn written_then_secure(c: &mut Checks, devs: &mut Vec<Device>, seed: u64) -> Option<(Blk, &'static mut Hdr)> {
     let Some(dev) = first_of(devs, "blk") else {
-        return c.check("blk_present", false);
+        c.check("blk_present", false);
+        return None;
     };
-    let mut blk = match Blk::new(dev.transport) {
-        Ok(b) => b,
-        Err(_) => return c.check("blk_init", false),
+    let Ok(mut blk) = Blk::new(dev.transport) else {
+        c.check("blk_init", false);
+        return None;
     };
     let Some(hdr) = pool_hdr() else {
-        return c.check("pool_room", false);
+        c.check("pool_room", false);
+        return None;
     };
     write_verify(c, "before_esm", &mut blk, hdr, seed, 0);
-    if !esm(c) {
+    esm(c).then_some((blk, hdr))
+}
+
+fn case_bounce(c: &mut Checks, devs: &mut Vec<Device>, seed: u64) {
+    let Some((mut blk, hdr)) = written_then_secure(c, devs, seed) else {
         return;
-    }
+    };
     write_verify(c, "after_esm", &mut blk, hdr, seed ^ SECOND, SECTORS as u64);
     // What was written before ESM comes back through bounce pages too.
     let mut back = Buf::new(LEN);
@@ -202,20 +211,9 @@ fn case_bounce(c: &mut Checks, devs: &mut Vec<Device>, seed: u64) {
 }
 
 fn case_bypass(c: &mut Checks, devs: &mut Vec<Device>, seed: u64) {
-    let Some(dev) = first_of(devs, "blk") else {
-        return c.check("blk_present", false);
-    };
-    let mut blk = match Blk::new(dev.transport) {
-        Ok(b) => b,
-        Err(_) => return c.check("blk_init", false),
-    };
-    let Some(hdr) = pool_hdr() else {
-        return c.check("pool_room", false);
-    };
-    write_verify(c, "before_esm", &mut blk, hdr, seed, 0);
-    if !esm(c) {
+    let Some((mut blk, hdr)) = written_then_secure(c, devs, seed) else {
         return;
-    }
+    };
     // The heap is private now: the device may not read this buffer.
     let mut data = Buf::new(LEN);
     fill(seed ^ SECOND, REFUSED_SECTOR, data.as_mut_slice());
