@@ -51,11 +51,24 @@ struct Run {
 /// One `probe.mode=secure` run of `case` on `transport` with a fresh 8 MiB
 /// disk (`unshare` writes 5 MiB); the guest must pass every check and exit 0.
 fn run_case(case: &str, transport: &str, dma: &str, policy: &str, net: bool) -> Run {
+    run_case_with(case, transport, dma, policy, net.then_some("loopback"), None)
+}
+
+/// `run_case` with a network backend of choice (`loopback`, `tap=NAME`),
+/// run inside `ns` when given.
+fn run_case_with(
+    case: &str,
+    transport: &str,
+    dma: &str,
+    policy: &str,
+    net: Option<&str>,
+    ns: Option<&TapNamespace>,
+) -> Run {
     let disk = scratch(&format!("secure-{case}-{transport}.img"));
     std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
     let metrics = scratch(&format!("secure-{case}-{transport}.json"));
     let disk_arg = format!("path={},transport={transport}", disk.display());
-    let net_arg = format!("loopback,transport={transport}");
+    let net_arg = format!("{},transport={transport}", net.unwrap_or(""));
     let cmdline = format!("probe.mode=secure probe.secure_case={case} probe.dma={policy}");
     let m = metrics.display().to_string();
     let mut args = vec![
@@ -73,10 +86,13 @@ fn run_case(case: &str, transport: &str, dma: &str, policy: &str, net: bool) -> 
         "--cmdline",
         &cmdline,
     ];
-    if net {
+    if net.is_some() {
         args.extend_from_slice(&["--net", &net_arg]);
     }
-    let out = run_veil(&args, LIMIT);
+    let out = match ns {
+        Some(ns) => run_command(ns.veil().args(&args), LIMIT),
+        None => run_veil(&args, LIMIT),
+    };
     let checks: Vec<&str> = out.stdout.lines().filter(|l| l.contains("SECURE-CHECK")).collect();
     assert!(
         checks.iter().all(|l| !l.contains(" FAIL")),
@@ -259,6 +275,82 @@ fn secret(transport: &str) {
     }
     assert!(private_denied(&r.metrics, "blk0") > 0, "{}", r.metrics["devices"]);
     assert!(private_denied(&r.metrics, "net0") > 0, "{}", r.metrics["devices"]);
+}
+
+/// Captures every frame on `ifname` inside `ns` into `file` until killed
+/// (a raw AF_PACKET socket; Python is on every machine veil is tested on).
+fn capture(ns: &TapNamespace, ifname: &str, file: &std::path::Path) -> Capture {
+    let script = "import socket,sys\n\
+s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,socket.htons(3))\n\
+s.bind((sys.argv[1],0))\n\
+f=open(sys.argv[2],'wb',buffering=0)\n\
+f.write(b'READY')\n\
+while True:\n    f.write(s.recv(65536))\n";
+    use std::os::unix::process::CommandExt;
+    // Its own process group: `ip netns exec` leaves python running when it
+    // is killed itself, so the group is what `stop_capture` kills.
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c", script, ifname])
+        .arg(file)
+        .process_group(0)
+        .spawn()
+        .expect("python3 is needed for the TAP capture");
+    // Wait until the socket is bound, so that no frame goes uncaptured.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read(file).map_or(true, |b| !b.starts_with(b"READY")) {
+        assert!(std::time::Instant::now() < deadline, "the capture did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Capture(child)
+}
+
+/// A running capture; dropping it (also when a test fails) kills it.
+struct Capture(std::process::Child);
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// The secret case through a TAP device: what the guest sends before ESM
+/// (a control frame) shows up in a capture on the host side; the secret,
+/// which it tries to send after ESM, does not.
+fn secret_over_tap(transport: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = TapNamespace::create(&format!("sec{}", &transport[..1])) else {
+        return;
+    };
+    let file = scratch(&format!("secret-tap-{transport}.cap"));
+    let _ = std::fs::remove_file(&file);
+    let cap = capture(&ns, "vtap0", &file);
+    let r = run_case_with("secret", transport, "bypass", "identity", Some("tap=vtap0"), Some(&ns));
+    // Frames still in flight when veil exited reach the socket shortly.
+    std::thread::sleep(Duration::from_millis(200));
+    drop(cap);
+    let captured = std::fs::read(&file).unwrap();
+    assert!(
+        contains(&captured, b"CTRL-veil-control-frame-before-esm"),
+        "the capture saw no control frame ({} bytes)",
+        captured.len()
+    );
+    assert!(!contains(&captured, &secret_marker()), "the secret reached the TAP");
+    assert!(private_denied(&r.metrics, "net0") > 0, "{}", r.metrics["devices"]);
+}
+
+#[test]
+fn a_secret_in_private_memory_never_reaches_a_tap_over_mmio() {
+    secret_over_tap("mmio");
+}
+
+#[test]
+fn a_secret_in_private_memory_never_reaches_a_tap_over_pci() {
+    secret_over_tap("pci");
 }
 
 #[test]
