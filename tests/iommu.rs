@@ -11,25 +11,6 @@ use std::path::Path;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
-const SEED: u64 = 0x7665_696c;
-
-/// The probe's block pattern (resources/guests/probe/README.md).
-fn pattern_word(s: u64, i: u64) -> u64 {
-    (SEED ^ (s << 16) ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-fn sectors_without_pattern(image: &[u8]) -> usize {
-    image
-        .chunks_exact(512)
-        .enumerate()
-        .filter(|(s, sector)| {
-            !sector
-                .chunks_exact(8)
-                .enumerate()
-                .all(|(i, w)| u64::from_le_bytes(w.try_into().unwrap()) == pattern_word(*s as u64, i as u64))
-        })
-        .count()
-}
 
 /// `key=value` words of the first output line starting with `prefix`.
 fn fields(stdout: &str, prefix: &str) -> HashMap<String, String> {
@@ -86,29 +67,10 @@ fn basic_run(name: &str, transport: &str, extra: &[&str], cmdline: &str) -> (Vec
     let disk = scratch(&format!("{name}.img"));
     std::fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
     let json = scratch(&format!("{name}.json"));
-    let t = format!("transport={transport}");
-    let disk_arg = format!("path={},{t}", disk.display());
-    let net = format!("loopback,{t}");
-    let mut args = vec![
-        "run",
-        "--memory",
-        "128M",
-        "--timeout",
-        "90",
-        "--disk",
-        &disk_arg,
-        "--net",
-        &net,
-        "--rng",
-        &t,
-        "--console",
-        &t,
-        "--metrics",
-        json.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-    ];
-    args.extend_from_slice(extra);
+    let mut args = every_device_args(transport, &disk, &json);
+    args.extend(["--cmdline", cmdline].map(String::from));
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_veil(&args, LIMIT);
     assert_eq!(out.code, Some(0), "{name}: {}\n{}", out.stdout, out.stderr);
     for dev in ["blk0", "net0", "rng0", "console0"] {

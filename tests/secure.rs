@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
-const SEED: u64 = 0x7665_696c;
+const SEED: u64 = PROBE_SEED;
 /// The probe's seed change for I/O after ESM (secure_checks.rs).
 const SECOND: u64 = 0x5EC0_0000;
 /// `unshare`: the seed change of the last round, and where its requests
@@ -26,19 +26,9 @@ fn secret_marker() -> Vec<u8> {
     [&b"VEIL-"[..], b"SECRET-", b"7f3a"].concat()
 }
 
-fn pattern_word(seed: u64, s: u64, i: u64) -> u64 {
-    (seed ^ (s << 16) ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 /// Whether sectors `first..first + n` of `data` hold the pattern of `seed`.
 fn holds_pattern(data: &[u8], seed: u64, first: u64, n: u64) -> bool {
-    (first..first + n).all(|s| {
-        let sector = &data[s as usize * 512..(s as usize + 1) * 512];
-        sector
-            .chunks_exact(8)
-            .enumerate()
-            .all(|(i, w)| u64::from_le_bytes(w.try_into().unwrap()) == pattern_word(seed, s, i as u64))
-    })
+    (first..first + n).all(|s| sector_holds_pattern(&data[s as usize * 512..(s as usize + 1) * 512], seed, s))
 }
 
 struct Run {

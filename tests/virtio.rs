@@ -6,32 +6,10 @@ mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
-const SEED: u64 = 0x7665_696c;
-
-/// The probe's block pattern (resources/guests/probe/README.md): u64 word
-/// `i` of sector `s`.
-fn pattern_word(s: u64, i: u64) -> u64 {
-    (SEED ^ (s << 16) ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-/// Sectors of `image` that do not hold the pattern.
-fn sectors_without_pattern(image: &Path) -> u64 {
-    let data = std::fs::read(image).unwrap();
-    let mut bad = 0;
-    for (s, sector) in data.chunks_exact(512).enumerate() {
-        let ok = sector
-            .chunks_exact(8)
-            .enumerate()
-            .all(|(i, w)| u64::from_le_bytes(w.try_into().unwrap()) == pattern_word(s as u64, i as u64));
-        bad += u64::from(!ok);
-    }
-    bad
-}
 
 fn device_line<'a>(stdout: &'a str, dev: &str) -> &'a str {
     let prefix = format!("PROBE virtio dev={dev} ");
@@ -48,29 +26,8 @@ fn every_device_works(transport: &str) {
     let disk = scratch(&format!("virtio-{transport}.img"));
     std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
     let metrics = scratch(&format!("virtio-{transport}.json"));
-    let disk_arg = format!("path={},transport={transport}", disk.display());
-    let t = format!("transport={transport}");
-    let net = format!("loopback,{t}");
-    let out = run_veil(
-        &[
-            "run",
-            "--memory",
-            "128M",
-            "--timeout",
-            "90",
-            "--disk",
-            &disk_arg,
-            "--net",
-            &net,
-            "--rng",
-            &t,
-            "--console",
-            &t,
-            "--metrics",
-            metrics.to_str().unwrap(),
-        ],
-        LIMIT,
-    );
+    let args = every_device_args(transport, &disk, &metrics);
+    let out = run_veil(&args.iter().map(String::as_str).collect::<Vec<_>>(), LIMIT);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("PROBE virtio count=4"), "{}", out.stdout);
     for dev in ["blk0", "net0", "rng0", "console0"] {
@@ -87,7 +44,7 @@ fn every_device_works(transport: &str) {
         out.stdout
     );
     assert_eq!(
-        sectors_without_pattern(&disk),
+        sectors_without_pattern(&std::fs::read(&disk).unwrap()),
         0,
         "the image must hold what the guest wrote"
     );
@@ -167,7 +124,7 @@ fn no_flushed_block_is_lost_to_sigkill() {
         }
         let _ = child.wait();
         assert!(seen, "the guest never reported its disk");
-        assert_eq!(sectors_without_pattern(&disk), 0);
+        assert_eq!(sectors_without_pattern(&std::fs::read(&disk).unwrap()), 0);
     }
 }
 

@@ -200,3 +200,44 @@ impl Drop for TapNamespace {
         ip(&["netns", "del", &self.name]);
     }
 }
+
+/// The seed of the test guest's block pattern (resources/guests/probe/README.md).
+pub const PROBE_SEED: u64 = 0x7665_696c;
+
+/// Whether `sector` (512 bytes) holds the probe's pattern for sector number
+/// `s` and `seed`: word i is `(seed ^ (s << 16) ^ i) * 0x9E3779B97F4A7C15`.
+pub fn sector_holds_pattern(sector: &[u8], seed: u64, s: u64) -> bool {
+    sector.chunks_exact(8).enumerate().all(|(i, w)| {
+        u64::from_le_bytes(w.try_into().unwrap()) == (seed ^ (s << 16) ^ i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    })
+}
+
+/// Sectors of `image` that do not hold the pattern of `PROBE_SEED`.
+pub fn sectors_without_pattern(image: &[u8]) -> usize {
+    image
+        .chunks_exact(512)
+        .enumerate()
+        .filter(|(s, sector)| !sector_holds_pattern(sector, PROBE_SEED, *s as u64))
+        .count()
+}
+
+/// `veil run` arguments for the test guest with one device of each kind on
+/// `transport` (disk `disk`, loopback NIC, rng, console) and its metrics
+/// written to `metrics`.
+pub fn every_device_args(transport: &str, disk: &Path, metrics: &Path) -> Vec<String> {
+    let t = format!("transport={transport}");
+    let mut args: Vec<String> = ["run", "--memory", "128M", "--timeout", "90"]
+        .map(String::from)
+        .to_vec();
+    for (flag, value) in [
+        ("--disk", format!("path={},{t}", disk.display())),
+        ("--net", format!("loopback,{t}")),
+        ("--rng", t.clone()),
+        ("--console", t.clone()),
+        ("--metrics", metrics.display().to_string()),
+    ] {
+        args.push(flag.to_string());
+        args.push(value);
+    }
+    args
+}
