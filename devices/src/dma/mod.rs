@@ -371,6 +371,13 @@ impl DmaTranslation {
 /// Guest memory as a device sees it.
 pub type DmaMemory = DmaView;
 
+/// Whether a failed access was refused by the DMA view (a vIOMMU fault or
+/// a private page) rather than aimed at an address no memory has: devices
+/// count the first as `dma_denied`, the second as `bad_descriptors`.
+pub fn refused_by_view(e: &vm_memory::GuestMemoryError) -> bool {
+    matches!(e, vm_memory::GuestMemoryError::IommuError(_))
+}
+
 /// A view with addresses taken as guest-physical and nothing gated (for
 /// memory no guest can make private, and tests).
 pub fn direct_view(host_view: GuestMemoryMmap) -> DmaMemory {

@@ -573,8 +573,9 @@ impl MutEventSubscriber for QueueWorker {
 /// memory has.
 fn memory_fault(e: &vm_memory::GuestMemoryError, what: &str, at: u64) -> Fault {
     let why = format!("{what} {at:#x}: {e}");
-    match e {
-        vm_memory::GuestMemoryError::IommuError(_) => Fault::Denied(why),
-        _ => Fault::Memory(why),
+    if crate::dma::refused_by_view(e) {
+        Fault::Denied(why)
+    } else {
+        Fault::Memory(why)
     }
 }

@@ -289,7 +289,7 @@ impl Request {
         for b in &data {
             match reach(mem, b) {
                 Ok(()) => {}
-                Err(e @ vm_memory::GuestMemoryError::IommuError(_)) => {
+                Err(e) if crate::dma::refused_by_view(&e) => {
                     return Err(Rejection::Denied {
                         status,
                         why: format!("data buffer at {:#x}: {e}", b.addr.0),

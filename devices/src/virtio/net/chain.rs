@@ -169,9 +169,10 @@ impl WriteCursor<'_> {
 /// (`dma_denied`), or the address is simply not guest memory
 /// (`bad_descriptors`).
 pub(crate) fn memory_error_counter<'m>(metrics: &'m DeviceMetrics, err: &GuestMemoryError) -> &'m AtomicU64 {
-    match err {
-        GuestMemoryError::IommuError(_) => &metrics.dma_denied,
-        _ => &metrics.bad_descriptors,
+    if crate::dma::refused_by_view(err) {
+        &metrics.dma_denied
+    } else {
+        &metrics.bad_descriptors
     }
 }
 
