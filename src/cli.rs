@@ -17,6 +17,15 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Measure veil (boot time, memory overhead).
     Bench(BenchArgs),
+    /// Write the built-in test guest (the probe ELF) to PATH, so that the same image can run under another VMM (e.g. QEMU, through its PVH note) for side-by-side benchmarks.
+    ProbeElf(ProbeElfArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeElfArgs {
+    /// Where to write the ELF (overwritten if it exists).
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

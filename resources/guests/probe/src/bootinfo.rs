@@ -231,8 +231,7 @@ fn scan_rsdp() -> Option<u64> {
         // SAFETY: all below 1 MiB, identity-mapped; the ISA holes read as
         // all-ones at worst.
         unsafe {
-            peek::<[u8; 8]>(a) == *b"RSD PTR "
-                && (0..20).fold(0u8, |s, i| s.wrapping_add(peek::<u8>(a + i))) == 0
+            peek::<[u8; 8]>(a) == *b"RSD PTR " && (0..20).fold(0u8, |s, i| s.wrapping_add(peek::<u8>(a + i))) == 0
         }
     };
     // SAFETY: the BIOS data area at 0x40E, below 1 MiB.
