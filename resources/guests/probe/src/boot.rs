@@ -9,7 +9,9 @@
 //! hand-written, prints a line and ends the VM.
 //!
 //! What the BSP does at CPL0 (`_start`): 289 instructions, counted by
-//! single-stepping it on KVM with a 4-entry e820 map (about 13 more per e820
+//! single-stepping it on KVM with a 4-entry e820 map, before the PVH entry
+//! was added (2 more since: the entry kind, counted by reading, not
+//! stepped; the PVH entry `probe_pvh_start` runs 16 more than `_start`) (about 13 more per e820
 //! RAM entry, 7 per other entry; with 2 MiB pages about 2,570 more per GiB
 //! of RAM above 4 GiB, with 1 GiB pages 5 per GiB), i.e. ~75 µs here:
 //! 1. CR0/CR4 so that SSE works at CPL3 (OSFXSR, OSXMMEXCPT, MP; no EM/TS)
@@ -378,9 +380,9 @@ global_asm!(
     // PVH entry (XEN_ELFNOTE_PHYS32_ENTRY): 32-bit protected mode, paging
     // off, flat segments, ebx = hvm_start_info, no stack. Turn on PAE, the
     // boot page tables below (0-4 GiB), long mode and paging, load the
-    // probe's GDT and far-jump to its 64-bit code segment. 13 instructions
-    // (rdmsr/wrmsr and the far jump included), then 11 in 64-bit mode before
-    // the common path.
+    // probe's GDT and far-jump to its 64-bit code segment. 14 instructions
+    // (rdmsr/wrmsr and the far jump included), then 18 in 64-bit mode before
+    // the common path, where `_start` has 16: the PVH entry costs 16 more.
     ".section .text.probe_pvh, \"ax\", @progbits",
     ".code32",
     ".global probe_pvh_start",
