@@ -1,7 +1,7 @@
 //! veil's built-in test guest ("probe").
 //!
-//! A freestanding x86-64 ELF linked at 1 MiB and entered the way Linux's
-//! 64-bit boot protocol says (docs/platform.md). It spends a few hundred
+//! A freestanding x86-64 ELF linked at 1 MiB, entered through its PVH note
+//! or the way Linux's 64-bit boot protocol says (docs/platform.md). It spends a few hundred
 //! instructions at CPL0 (boot.rs) and does everything else at CPL3, where
 //! code runs at native speed on veil's KVM. It reports on COM1 in lines
 //! `PROBE <topic> key=value ...` and ends the VM through the debug-exit port
