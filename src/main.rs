@@ -102,5 +102,12 @@ fn main() -> ExitCode {
             BenchCommand::Net(args) => veil::bench_device::run(veil::bench_device::Kind::Net, &args),
             BenchCommand::Dma(args) => veil::bench_dma::run(&args),
         },
+        Command::ProbeElf(args) => match std::fs::write(&args.path, veil::probe_image::PROBE_ELF) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&Error::new(
+                Kind::NoInput,
+                format!("cannot write {}: {e}", args.path.display()),
+            )),
+        },
     }
 }
