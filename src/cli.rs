@@ -101,6 +101,9 @@ pub struct RunArgs {
     /// A virtio-console (hvc0) [transport=..][,dma=..]. Repeatable.
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
     pub console: Vec<String>,
+    /// Per-thread seccomp filters: on, or off to debug a forbidden system call [default: on].
+    #[arg(long, value_name = "on|off")]
+    pub seccomp: Option<String>,
     /// Read settings from a JSON file; flags given as well override it.
     #[arg(long, value_name = "FILE.json")]
     pub config: Option<PathBuf>,
@@ -128,6 +131,7 @@ impl RunArgs {
             timeout: self.timeout,
             cpuid_hide: self.cpuid_hide.clone(),
             boot: self.boot.clone(),
+            seccomp: self.seccomp.clone(),
             dma: self.dma.clone(),
             iommu: self.iommu.then_some(true),
             disk: non_empty(&self.disk),

@@ -91,6 +91,8 @@ pub struct VmConfig {
     pub cpuid_hide: Vec<String>,
     /// How the kernel is entered.
     pub boot: BootProtocol,
+    /// Each thread runs under its seccomp filter (src/sandbox.rs).
+    pub seccomp: bool,
     /// DMA mode of every device that does not choose its own.
     pub dma: DmaMode,
     /// A virtio-iommu translates for the platform and auto devices.
@@ -129,6 +131,7 @@ pub struct ConfigFile {
     pub timeout: Option<f64>,
     pub cpuid_hide: Option<Vec<String>>,
     pub boot: Option<String>,
+    pub seccomp: Option<String>,
     pub dma: Option<String>,
     pub iommu: Option<bool>,
     pub disk: Option<Vec<String>>,
@@ -208,6 +211,11 @@ pub fn resolve(file: ConfigFile, flags: ConfigFile) -> Result<VmConfig, String> 
             .map(|s| s.parse())
             .transpose()?
             .unwrap_or_default(),
+        seccomp: match flags.seccomp.or(file.seccomp).as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => return Err(format!("invalid --seccomp '{other}': expected on or off")),
+        },
         dma: flags
             .dma
             .or(file.dma)

@@ -12,4 +12,5 @@ pub mod config;
 pub mod devices_config;
 pub mod error;
 pub mod probe_image;
+pub mod sandbox;
 pub mod vmm;

@@ -15,6 +15,7 @@ pub use vcpu::unix_ns;
 
 use crate::config::{BootProtocol, SerialOutput, VmConfig};
 use crate::error::{Context, Error, Kind, Result};
+use crate::sandbox::{Sandbox, ThreadKind};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -83,6 +84,16 @@ pub struct Vm {
     stop: Arc<StopSignal>,
     timeout: Option<Duration>,
     started_unix_ns: u64,
+    sandbox: Sandbox,
+}
+
+/// Puts the calling thread under its seccomp filter; a filter that cannot
+/// go on ends veil rather than leave a thread unsandboxed.
+fn enter_sandbox(sandbox: &Sandbox, kind: ThreadKind, name: &str) {
+    if let Err(e) = sandbox.enter(kind, name) {
+        eprintln!("veil: error: {e}");
+        std::process::exit(Kind::Unavailable.exit_code());
+    }
 }
 
 fn open_kvm() -> Result<Kvm> {
@@ -402,6 +413,7 @@ impl Vm {
             stop,
             timeout: config.timeout_secs.map(Duration::from_secs_f64),
             started_unix_ns,
+            sandbox: Sandbox::new(config.seccomp),
         })
     }
 
@@ -422,6 +434,7 @@ impl Vm {
             stop,
             timeout,
             started_unix_ns,
+            sandbox,
         } = self;
         let reporter = Arc::new(Reporter {
             shared: shared.clone(),
@@ -435,15 +448,18 @@ impl Vm {
             let error = Error::new(Kind::Unavailable, format!("cannot install the vCPU kick signal: {e}"));
             return (Err(error), RunReport::default());
         }
+        veil_devices::virtio::worker::set_start_hook(Box::new(move |name| sandbox.enter(ThreadKind::Device, name)));
         log::debug!("spawning vCPU threads");
         let mut threads = Vec::new();
         let mut spawn_error = None;
         for (vcpu, start) in vcpus.into_iter().zip(starts) {
             let s = shared.clone();
-            match std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id))
-                .spawn(move || vcpu.run(start, s))
-            {
+            let name = format!("vcpu{}", vcpu.id);
+            let thread_name = name.clone();
+            match std::thread::Builder::new().name(name).spawn(move || {
+                enter_sandbox(&sandbox, ThreadKind::Vcpu, &thread_name);
+                vcpu.run(start, s)
+            }) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     spawn_error = Some(Error::new(
@@ -456,7 +472,7 @@ impl Vm {
         }
         let result = match spawn_error {
             Some(e) => Err(e),
-            None => wait_for_stop(&stop, serial, stdin, timeout, reporter.clone()),
+            None => wait_for_stop(&stop, serial, stdin, timeout, reporter.clone(), &sandbox),
         };
         shared.exiting.store(true, Ordering::Release);
         stop_vcpus(&threads);
@@ -616,6 +632,7 @@ fn wait_for_stop(
     stdin: Option<File>,
     timeout: Option<Duration>,
     reporter: Arc<Reporter>,
+    sandbox: &Sandbox,
 ) -> Result<StopReason> {
     let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
         .map_err(|e| Error::new(Kind::Unavailable, format!("cannot create the event loop: {e:?}")))?;
@@ -637,6 +654,8 @@ fn wait_for_stop(
     if let Some(input) = stdin {
         manager.add_subscriber(Box::new(SerialInput::new(serial, input)));
     }
+    // Everything the loop watches is set up: from here on it only serves.
+    enter_sandbox(sandbox, ThreadKind::Main, "main");
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         if let Some(reason) = stop.reason() {

@@ -3,7 +3,7 @@
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -27,6 +27,19 @@ impl MutEventSubscriber for StopWatch {
     }
 }
 
+/// What each new worker thread runs before it serves anything, given its
+/// name: veil puts the thread under its seccomp filter there. An error
+/// leaves the device unserved rather than unsandboxed.
+pub type StartHook = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+static START_HOOK: OnceLock<StartHook> = OnceLock::new();
+
+/// Sets the hook every worker thread runs first; only the first call of a
+/// process counts, since a sandbox is the process's policy.
+pub fn set_start_hook(hook: StartHook) {
+    let _ = START_HOOK.set(hook);
+}
+
 pub struct Worker {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -40,7 +53,13 @@ impl Worker {
             evt: stop.try_clone()?,
             stopped: Arc::new(AtomicBool::new(false)),
         };
+        let thread_name = name.to_string();
         let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
+            if let Some(hook) = START_HOOK.get() {
+                if let Err(e) = hook(&thread_name) {
+                    return log::error!("{thread_name}: not serving its queues: {e}");
+                }
+            }
             let stopped = watch.stopped.clone();
             let mut manager = match EventManager::<Box<dyn MutEventSubscriber>>::new() {
                 Ok(m) => m,

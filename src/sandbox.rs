@@ -1,0 +1,318 @@
+//! Per-thread seccomp filters: each of veil's threads may make only the
+//! system calls its job needs once it has been set up.
+//!
+//! A filter is installed by the thread itself, after everything that needs
+//! privileges or the file system (KVM fds, guest RAM mappings, image files,
+//! TAP devices) was done and before it handles anything from the guest.
+//! Filters stack: a device worker is spawned by the vCPU thread that saw
+//! DRIVER_OK, so it runs under the vCPU filter and its own, and may make a
+//! call only if both allow it. A call no filter allows raises SIGSYS, whose
+//! handler prints one line naming the thread and the call and ends veil
+//! with status 71.
+//!
+//! `ioctl` is allowed by number only: the vCPU threads need a dozen KVM
+//! requests and the devices' interrupts go through KVM too, so filtering
+//! its argument would tie the filter to every KVM request veil might make.
+
+use seccompiler::{apply_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+
+/// Exit status after a forbidden system call (EX_OSERR).
+pub const EXIT_FORBIDDEN_SYSCALL: i32 = 71;
+
+/// The roles veil's threads play.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The event loop: serial input, signals, timeout, metrics.
+    Main,
+    /// KVM_RUN and the exits it hands back; activates devices.
+    Vcpu,
+    /// A virtio device's worker: its queues and its backend.
+    Device,
+}
+
+impl ThreadKind {
+    fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Device => "device",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ThreadKind> {
+        match s {
+            "main" => Some(ThreadKind::Main),
+            "vcpu" => Some(ThreadKind::Vcpu),
+            "device" => Some(ThreadKind::Device),
+            _ => None,
+        }
+    }
+}
+
+/// What every thread does: memory management by the allocator, locks,
+/// waiting on fds, logging to stderr, signals, and ending itself.
+const EVERY_THREAD: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// A device worker: its backend's I/O (image files, TAP, host entropy).
+const DEVICE: &[libc::c_long] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_readv,
+    libc::SYS_lseek,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_fallocate,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_getrandom,
+];
+
+/// A vCPU thread: besides KVM_RUN (an ioctl), it starts and stops device
+/// workers at DRIVER_OK and reset, so it needs what a new thread does
+/// (including putting it under its own filter), and everything a worker
+/// needs (workers inherit this filter).
+const VCPU: &[libc::c_long] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prctl,
+    libc::SYS_seccomp,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigaction,
+];
+
+/// The main thread: it also writes `--metrics` (a new file renamed over the
+/// old one) from what /proc says of veil's threads, kicks vCPU threads with
+/// a signal, and restores the terminal.
+const MAIN: &[libc::c_long] = &[
+    libc::SYS_openat,
+    libc::SYS_getdents64,
+    libc::SYS_rename,
+    libc::SYS_unlink,
+    libc::SYS_ftruncate,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigaction,
+    libc::SYS_prctl,
+    libc::SYS_getrandom,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+];
+
+/// The system calls a thread of `kind` may make.
+pub fn allowed(kind: ThreadKind) -> Vec<libc::c_long> {
+    let own: &[libc::c_long] = match kind {
+        ThreadKind::Main => MAIN,
+        ThreadKind::Vcpu => VCPU,
+        ThreadKind::Device => DEVICE,
+    };
+    let mut all: Vec<libc::c_long> = EVERY_THREAD.iter().chain(own).copied().collect();
+    if kind == ThreadKind::Vcpu {
+        all.extend_from_slice(DEVICE);
+    }
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+fn program(kind: ThreadKind) -> Result<BpfProgram, String> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        allowed(kind).into_iter().map(|nr| (nr as i64, Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| format!("cannot build the {} seccomp filter: {e}", kind.name()))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| format!("cannot compile the {} seccomp filter: {e}", kind.name()))
+}
+
+thread_local! {
+    /// This thread's name for the SIGSYS message, fixed before its filter
+    /// goes on (reading it in the handler makes no system call).
+    static THREAD_NAME: Cell<[u8; 16]> = const { Cell::new([0; 16]) };
+}
+
+/// How veil sandboxes its threads: off for debugging, and a self-test that
+/// makes one kind of thread break its filter on purpose.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sandbox {
+    pub enabled: bool,
+    /// `VEIL_SECCOMP_SELFTEST=main|vcpu|device`: that thread kind makes a
+    /// forbidden call right after its filter is on (for tests only).
+    pub selftest: Option<ThreadKind>,
+}
+
+impl Sandbox {
+    pub fn new(enabled: bool) -> Sandbox {
+        let selftest = std::env::var("VEIL_SECCOMP_SELFTEST")
+            .ok()
+            .and_then(|s| ThreadKind::parse(&s));
+        Sandbox { enabled, selftest }
+    }
+
+    /// Puts the calling thread, named `name`, under the filter of `kind`.
+    pub fn enter(&self, kind: ThreadKind, name: &str) -> Result<(), String> {
+        let mut label = [0u8; 16];
+        let n = name.len().min(label.len());
+        label[..n].copy_from_slice(&name.as_bytes()[..n]);
+        THREAD_NAME.with(|c| c.set(label));
+        if self.enabled {
+            install_sigsys_handler()?;
+            let prog = program(kind)?;
+            apply_filter(&prog).map_err(|e| format!("cannot install the {} seccomp filter: {e}", kind.name()))?;
+        }
+        if self.selftest == Some(kind) {
+            log::warn!("VEIL_SECCOMP_SELFTEST: thread {name} makes a forbidden system call");
+            // SAFETY: socket(2) takes no pointers; a descriptor it might
+            // return (filters off) is closed at once.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd >= 0 {
+                // SAFETY: fd was just returned by socket(2) and is owned here.
+                unsafe { libc::close(fd) };
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Byte offset of `si_syscall` in a SIGSYS siginfo_t on x86-64: after
+/// si_signo, si_errno, si_code, padding and the 8-byte `si_call_addr`.
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for SIGSYS with
+    // SA_SIGINFO; si_syscall is an i32 at this offset.
+    let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(SI_SYSCALL_OFFSET) as *const i32) };
+    let label = THREAD_NAME.with(|c| c.get());
+    let mut msg = [0u8; 160];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        for &b in bytes {
+            if len < msg.len() {
+                msg[len] = b;
+                len += 1;
+            }
+        }
+    };
+    put(b"veil: error: seccomp: thread ");
+    put(label.split(|&b| b == 0).next().unwrap_or(&[]));
+    put(b" made forbidden system call ");
+    let mut digits = [0u8; 12];
+    let mut i = digits.len();
+    let mut v = nr.unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    put(&digits[i..]);
+    put(b"; run with --seccomp off to debug\n");
+    // SAFETY: write(2) and _exit(2) are async-signal-safe and allowed in
+    // every filter; msg outlives the call.
+    unsafe {
+        libc::write(2, msg.as_ptr() as *const libc::c_void, len);
+        libc::_exit(EXIT_FORBIDDEN_SYSCALL);
+    }
+}
+
+fn install_sigsys_handler() -> Result<(), String> {
+    // SAFETY: a zeroed sigaction is valid; we set the handler, SA_SIGINFO
+    // and an empty mask before passing it to sigaction(2).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigsys as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(format!(
+                "cannot install the SIGSYS handler: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_may_do_only_what_the_vcpu_thread_that_spawns_them_may() {
+        let vcpu = allowed(ThreadKind::Vcpu);
+        for nr in allowed(ThreadKind::Device) {
+            assert!(vcpu.contains(&nr), "syscall {nr} is allowed for devices but not vCPUs");
+        }
+    }
+
+    #[test]
+    fn no_thread_may_start_programs_or_open_sockets() {
+        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Device] {
+            let list = allowed(kind);
+            for nr in [
+                libc::SYS_execve,
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_fork,
+                libc::SYS_ptrace,
+            ] {
+                assert!(!list.contains(&nr), "{kind:?} allows {nr}");
+            }
+        }
+        assert!(!allowed(ThreadKind::Device).contains(&libc::SYS_openat));
+        assert!(!allowed(ThreadKind::Vcpu).contains(&libc::SYS_openat));
+    }
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Device] {
+            assert!(!program(kind).unwrap().is_empty());
+        }
+    }
+}
