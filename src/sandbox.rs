@@ -84,6 +84,9 @@ const EVERY_THREAD: &[libc::c_long] = &[
     libc::SYS_nanosleep,
     libc::SYS_fcntl,
     libc::SYS_ioctl,
+    // Signal handlers (SIGUSR1, SIGTERM) forward the signal to the event
+    // loop by send(2) on a socket pair, on whichever thread took it.
+    libc::SYS_sendto,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
@@ -126,6 +129,8 @@ const VCPU: &[libc::c_long] = &[
 const MAIN: &[libc::c_long] = &[
     libc::SYS_openat,
     libc::SYS_getdents64,
+    // The event loop reads forwarded signals from its end of the pair.
+    libc::SYS_recvfrom,
     libc::SYS_rename,
     libc::SYS_unlink,
     libc::SYS_ftruncate,
