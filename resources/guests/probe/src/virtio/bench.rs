@@ -4,7 +4,10 @@
 //! kind present), `probe.qd=<n>` block requests in flight (default 1, at
 //! most what the queue holds), `probe.bench_mib=<n>` bytes per block case
 //! (default 16 MiB; sequential cases are bounded by the disk size),
-//! `probe.net_frames=<n>` frames per net case (default 8192).
+//! `probe.net_frames=<n>` frames per net case (default 8192),
+//! `probe.bench_case=<name>` runs only that case (the others report
+//! `result=skipped reason=not_selected`), so a host tool can attribute all
+//! of a run's device work to one request size.
 //!
 //! Output, per case:
 //!
@@ -121,6 +124,11 @@ fn skipped(case: &str, name: Name, why: &str) {
 }
 
 /// xorshift64: the random sectors.
+/// Whether `probe.bench_case` (absent: every case) names this case.
+fn selected(settings: &Settings, case: &str) -> bool {
+    param(settings.cmdline, "probe.bench_case").is_none_or(|want| want == case.as_bytes())
+}
+
 fn xorshift(state: &mut u64) -> u64 {
     let mut x = *state;
     x ^= x << 13;
@@ -146,6 +154,10 @@ fn bench_blk(dev: Device, settings: &Settings, hz: u64) -> bool {
     let mut ok = true;
     for case in &BLK_CASES {
         let piece = case.sectors as u64;
+        if !selected(settings, case.name) {
+            skipped(case.name, name, "not_selected");
+            continue;
+        }
         if case.write && readonly {
             skipped(case.name, name, "readonly");
             continue;
@@ -214,6 +226,10 @@ fn bench_net(dev: Device, settings: &Settings, hz: u64) -> bool {
     let frames = settings.num("probe.net_frames", 8192).clamp(1, u32::MAX as u64) as u32;
     let mut ok = true;
     for (case, len) in [("net-64", 64usize), ("net-1500", 1500)] {
+        if !selected(settings, case) {
+            skipped(case, name, "not_selected");
+            continue;
+        }
         let notifies = stats.notifies.get();
         let dma = DmaMark::now();
         marker("begin", case);
