@@ -130,7 +130,11 @@ impl Qemu {
             let why = String::from_utf8_lossy(&out.stderr);
             return Err(format!(
                 "veil probe-elf could not write the test guest for QEMU: {}",
-                why.lines().next().unwrap_or("no output").trim().trim_start_matches("veil: error: ")
+                why.lines()
+                    .next()
+                    .unwrap_or("no output")
+                    .trim()
+                    .trim_start_matches("veil: error: ")
             ));
         }
         Ok(Qemu {

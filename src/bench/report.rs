@@ -248,7 +248,10 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-fn cell(r: Option<&PeerResult>, f: &dyn Fn(&PeerResult) -> Option<&Summary>, spread: bool) -> String {
+/// Picks one figure of a peer's result.
+type Pick = dyn Fn(&PeerResult) -> Option<&Summary>;
+
+fn cell(r: Option<&PeerResult>, f: &Pick, spread: bool) -> String {
     match r {
         None => "–".into(),
         Some(r) if r.status == Status::NotApplicable => "n/a".into(),
@@ -309,7 +312,7 @@ pub fn markdown(report: &Report) -> String {
             " {} |",
             row.ratio_to_bypass.map(|r| format!("{r:.2}")).unwrap_or("–".into())
         );
-        let per: [&dyn Fn(&PeerResult) -> Option<&Summary>; 3] = [
+        let per: [&Pick; 3] = [
             &|r| r.exits_per_request.as_ref(),
             &|r| r.vmm_cpu_us_per_request.as_ref(),
             &|r| r.vcpu_cpu_us_per_request.as_ref(),
@@ -495,4 +498,114 @@ pub fn plot(report: &Report, dir: &Path) -> Result<Vec<std::path::PathBuf>, Stri
         }
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::harness::jobs;
+
+    fn m(case: &str, value: f64, requests: u64, exits: Option<u64>) -> Measure {
+        Measure {
+            case: case.into(),
+            value,
+            requests,
+            exits,
+            vmm_ns: 2_000 * requests,
+            vcpu_ns: 10_000 * requests,
+        }
+    }
+
+    fn report(rows: Vec<Row>) -> Report {
+        Report {
+            schema: SCHEMA.into(),
+            command: "veil bench all".into(),
+            runs: 3,
+            peers: vec!["veil".into(), "qemu".into()],
+            sizes: SizesJson {
+                mib: 8,
+                qd: 1,
+                frames: 100,
+            },
+            host: Host::here(false, None),
+            rows,
+        }
+    }
+
+    #[test]
+    fn rows_medians_ratios_and_json_round_trip() {
+        let jobs = jobs(&["dma".into(), "secure".into()], &[]);
+        assert_eq!(jobs[0].name, "blk-pci");
+        let mut got = HashMap::new();
+        let case = "blk-seqread-64k";
+        got.insert(
+            (0, "veil"),
+            vec![
+                vec![m(case, 100.0, 10, Some(20))],
+                vec![m(case, 300.0, 10, Some(40))],
+                vec![m(case, 200.0, 10, Some(30))],
+            ],
+        );
+        got.insert((0, "qemu"), vec![vec![m(case, 400.0, 10, None)]; 3]);
+        got.insert((1, "veil"), vec![vec![m(case, 190.0, 10, Some(30))]; 3]);
+        got.insert((1, "qemu"), vec![vec![m(case, 380.0, 10, None)]; 3]);
+        let secure = jobs.iter().position(|j| j.group == "secure").unwrap();
+        let used: Vec<&Job> = vec![&jobs[0], &jobs[1], &jobs[secure]];
+        let used: Vec<Job> = used.into_iter().cloned().collect();
+        got.insert((2, "veil"), vec![vec![m(case, 50.0, 10, Some(30))]; 3]);
+        let unsupported = |j: usize, p: &str| (j == 2 && p == "qemu").then(|| "veil only".to_string());
+        let rows = rows(&used, &["veil", "qemu"], &got, &unsupported).unwrap();
+        assert_eq!(rows.len(), 3);
+        let base = &rows[0];
+        let v = base.results["veil"].value.as_ref().unwrap();
+        assert_eq!((v.median, v.min, v.max, v.n), (200.0, 100.0, 300.0, 3));
+        assert_eq!(base.ratio_veil_to_peer, Some(0.5));
+        assert_eq!(base.results["veil"].exits_per_request.as_ref().unwrap().median, 3.0);
+        assert_eq!(
+            base.results["veil"].vmm_cpu_us_per_request.as_ref().unwrap().median,
+            2.0
+        );
+        assert!(base.results["qemu"].exits_per_request.is_none());
+        assert_eq!(rows[1].ratio_to_bypass, Some(0.95));
+        assert_eq!(rows[2].ratio_to_bypass, Some(0.25));
+        assert_eq!(rows[2].results["qemu"].status, Status::NotApplicable);
+        assert_eq!(rows[2].ratio_veil_to_peer, None);
+
+        let r = report(rows);
+        let text = serde_json::to_string(&r).unwrap();
+        let back: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["schema"], "veil-bench/1");
+        assert_eq!(json["rows"][2]["results"]["qemu"]["status"], "not_applicable");
+        assert_eq!(json["rows"][0]["results"]["veil"]["value"]["samples"][1], 300.0);
+
+        let md = markdown(&r);
+        assert!(
+            md.contains("| blk-seqread-64k | pci | bypass | MB/s | 200 (100–300) | 400 (400–400) | 0.50 | – |"),
+            "{md}"
+        );
+        assert!(md.contains("| n/a |"));
+        assert!(md.contains("- qemu n/a for secure-bounce-pci: veil only"));
+
+        let dir = std::env::temp_dir().join(format!("veil-plot-{}", std::process::id()));
+        let files = plot(&r, &dir).unwrap();
+        assert_eq!(files.len(), 3);
+        let svg = std::fs::read_to_string(dir.join("dma-ratio.svg")).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("secure-bounce"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_case_missing_from_a_run_is_an_error_not_a_number() {
+        let jobs = jobs(&["blk".into()], &[]);
+        let mut got = HashMap::new();
+        got.insert((0, "veil"), vec![vec![m("blk-seqread-64k", 1.0, 1, None)], vec![]]);
+        got.insert((1, "veil"), vec![vec![m("blk-seqread-64k", 1.0, 1, None)]; 2]);
+        let err = rows(&jobs, &["veil"], &got, &|_, _| None).unwrap_err();
+        assert_eq!(
+            err,
+            "bench blk-mmio on veil: case blk-seqread-64k is missing from 1 of 2 runs"
+        );
+    }
 }
