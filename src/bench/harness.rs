@@ -187,7 +187,8 @@ pub fn jobs(groups: &[String], esm_memory: &[String]) -> Vec<Job> {
                 name: format!("esm-{ram}"),
                 workload: Workload::Esm,
                 transport: "-",
-                setup: "-",
+                // The guest's RAM, which ESM's cost grows with.
+                setup: ram,
                 veil_flags: vec![],
                 probe_params: String::new(),
                 qemu: QemuDma::Unsupported(NO_ULTRACALLS),
