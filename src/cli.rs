@@ -17,6 +17,15 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Measure veil (boot time, memory overhead).
     Bench(BenchArgs),
+    /// Write the built-in test guest (the probe ELF) to PATH, so that the same image can run under another VMM (e.g. QEMU, through its PVH note) for side-by-side benchmarks.
+    ProbeElf(ProbeElfArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeElfArgs {
+    /// Where to write the ELF (overwritten if it exists).
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -71,6 +80,9 @@ pub struct RunArgs {
     /// CPUID features to hide from the guest, comma separated (e.g. xsave,cx16).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub cpuid_hide: Option<Vec<String>>,
+    /// How to enter the kernel: auto (PVH when the ELF has a PVH note, else the Linux 64-bit protocol), pvh, or linux64 [default: auto].
+    #[arg(long, value_name = "PROTOCOL")]
+    pub boot: Option<String>,
     /// DMA mode of every virtio device: bypass (guest-physical addresses), platform (VIRTIO_F_ACCESS_PLATFORM) or auto (bypass until the guest goes secure, then platform) [default: bypass].
     #[arg(long, value_name = "MODE")]
     pub dma: Option<String>,
@@ -115,6 +127,7 @@ impl RunArgs {
             serial: self.serial.clone(),
             timeout: self.timeout,
             cpuid_hide: self.cpuid_hide.clone(),
+            boot: self.boot.clone(),
             dma: self.dma.clone(),
             iommu: self.iommu.then_some(true),
             disk: non_empty(&self.disk),

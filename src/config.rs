@@ -33,6 +33,31 @@ impl std::str::FromStr for SerialOutput {
     }
 }
 
+/// How veil enters the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// PVH when the ELF has the note, else the Linux 64-bit boot protocol.
+    #[default]
+    Auto,
+    /// The PVH entry (32-bit, `hvm_start_info` in EBX); an error without the note.
+    Pvh,
+    /// The Linux 64-bit boot protocol (`boot_params` in RSI).
+    Linux64,
+}
+
+impl std::str::FromStr for BootProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BootProtocol::Auto),
+            "pvh" => Ok(BootProtocol::Pvh),
+            "linux64" => Ok(BootProtocol::Linux64),
+            _ => Err(format!("invalid --boot '{s}': expected auto, pvh or linux64")),
+        }
+    }
+}
+
 /// Parses sizes like `256M`, `2G`, `65536` or `64KiB` into bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -64,6 +89,8 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     pub timeout_secs: Option<f64>,
     pub cpuid_hide: Vec<String>,
+    /// How the kernel is entered.
+    pub boot: BootProtocol,
     /// DMA mode of every device that does not choose its own.
     pub dma: DmaMode,
     /// A virtio-iommu translates for the platform and auto devices.
@@ -101,6 +128,7 @@ pub struct ConfigFile {
     pub log_level: Option<String>,
     pub timeout: Option<f64>,
     pub cpuid_hide: Option<Vec<String>>,
+    pub boot: Option<String>,
     pub dma: Option<String>,
     pub iommu: Option<bool>,
     pub disk: Option<Vec<String>>,
@@ -174,6 +202,12 @@ pub fn resolve(file: ConfigFile, flags: ConfigFile) -> Result<VmConfig, String> 
         serial,
         timeout_secs: flags.timeout.or(file.timeout).map(check_timeout).transpose()?,
         cpuid_hide: flags.cpuid_hide.or(file.cpuid_hide).unwrap_or_default(),
+        boot: flags
+            .boot
+            .or(file.boot)
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or_default(),
         dma: flags
             .dma
             .or(file.dma)

@@ -111,5 +111,12 @@ fn main() -> ExitCode {
                 veil::bench::harness::run(&groups, &args)
             }
         },
+        Command::ProbeElf(args) => match std::fs::write(&args.path, veil::probe_image::PROBE_ELF) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&Error::new(
+                Kind::NoInput,
+                format!("cannot write {}: {e}", args.path.display()),
+            )),
+        },
     }
 }

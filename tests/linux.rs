@@ -88,7 +88,20 @@ fn assert_booted(out: &Output) {
 #[test]
 fn linux_vmlinux_boots_to_userspace_and_powers_off() {
     if linux_dir().is_some() {
-        assert_booted(&boot("vmlinux", 1, "quiet"));
+        // vmlinux has a PVH note (CONFIG_PVH=y): the default (auto) enters
+        // it there, in 32-bit mode with an hvm_start_info.
+        let out = boot_with("vmlinux", 1, "quiet", &["--log-level", "info"]);
+        assert_booted(&out);
+        assert!(out.stderr.contains(", boot pvh at 0x"), "{}", out.stderr);
+    }
+}
+
+#[test]
+fn linux_vmlinux_boots_through_the_64_bit_protocol_with_boot_linux64() {
+    if linux_dir().is_some() {
+        let out = boot_with("vmlinux", 1, "quiet", &["--boot", "linux64", "--log-level", "info"]);
+        assert_booted(&out);
+        assert!(out.stderr.contains(", boot linux64"), "{}", out.stderr);
     }
 }
 

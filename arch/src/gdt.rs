@@ -6,14 +6,18 @@ use kvm_bindings::kvm_segment;
 pub const CODE64_SELECTOR: u16 = 0x08;
 pub const DATA_SELECTOR: u16 = 0x10;
 pub const TSS_SELECTOR: u16 = 0x18;
+/// Flat 32-bit code, the CS of a PVH entry.
+pub const CODE32_SELECTOR: u16 = 0x20;
 
-/// The boot GDT: null, 64-bit code, data, and a TSS descriptor that KVM
-/// needs in TR (its base is never used, the guest loads its own).
-pub const BOOT_GDT: [u64; 4] = [
+/// The boot GDT: null, 64-bit code, data, a TSS descriptor that KVM
+/// needs in TR (its base is never used, the guest loads its own), and flat
+/// 32-bit code for kernels entered through their PVH note.
+pub const BOOT_GDT: [u64; 5] = [
     0,
     descriptor(0xa09b, 0, 0xfffff),
     descriptor(0xc093, 0, 0xfffff),
     descriptor(0x808b, 0, 0xfffff),
+    descriptor(0xc09b, 0, 0xfffff),
 ];
 
 /// Builds a segment descriptor from its flags (access byte in bits 0-7,
@@ -83,6 +87,16 @@ mod tests {
         assert_eq!(s.base, 0x1234_5678);
         assert_eq!(s.limit, 0xabcde);
         assert_eq!(s.g, 0);
+    }
+
+    #[test]
+    fn pvh_code_segment_is_flat_32_bit() {
+        let cs = segment_from_descriptor(&BOOT_GDT, 4);
+        assert_eq!(cs.selector, CODE32_SELECTOR);
+        assert_eq!(
+            (cs.l, cs.db, cs.g, cs.base, cs.limit, cs.type_),
+            (0, 1, 1, 0, 0xffff_ffff, 0xb)
+        );
     }
 
     #[test]

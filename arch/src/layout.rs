@@ -4,6 +4,13 @@
 
 /// Boot GDT.
 pub const GDT_ADDR: u64 = 0x500;
+/// PVH boot: `hvm_start_info` (handed over in EBX), the module list (the
+/// initrd) and the memory map, one after the other below the zero page.
+pub const PVH_START_INFO_ADDR: u64 = 0x6000;
+pub const PVH_MODLIST_ADDR: u64 = 0x6040;
+pub const PVH_MEMMAP_ADDR: u64 = 0x6080;
+/// Room for this many memory-map entries (24 bytes each) before the zero page.
+pub const PVH_MEMMAP_MAX: usize = ((ZERO_PAGE_ADDR - PVH_MEMMAP_ADDR) / 24) as usize;
 /// `boot_params` (the "zero page"), handed to the kernel in RSI.
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
 /// Initial stack pointer of the boot CPU.
@@ -71,7 +78,10 @@ pub const MIN_RAM_SIZE: u64 = 16 << 20;
 
 // The boot structures must not overlap; checked when veil is compiled.
 const _: () = {
-    assert!(GDT_ADDR + 0x100 <= ZERO_PAGE_ADDR);
+    assert!(GDT_ADDR + 0x100 <= PVH_START_INFO_ADDR);
+    assert!(PVH_START_INFO_ADDR + 0x38 <= PVH_MODLIST_ADDR);
+    assert!(PVH_MODLIST_ADDR + 0x20 <= PVH_MEMMAP_ADDR);
+    assert!(PVH_MEMMAP_ADDR < ZERO_PAGE_ADDR);
     assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_TOP);
     assert!(BOOT_STACK_TOP <= PML4_ADDR);
     assert!(PAGE_TABLES_END <= CMDLINE_ADDR);

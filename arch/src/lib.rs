@@ -7,4 +7,5 @@ pub mod cpuid;
 pub mod gdt;
 pub mod layout;
 pub mod paging;
+pub mod pvh;
 pub mod regs;

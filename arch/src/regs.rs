@@ -73,6 +73,30 @@ pub fn set_long_mode(sregs: &mut kvm_sregs, cr3: u64) {
     sregs.efer |= EFER_LME | EFER_LMA;
 }
 
+/// Puts `sregs` into the PVH entry state: 32-bit protected mode, paging
+/// off, flat 32-bit code in CS and flat data everywhere else, the boot GDT
+/// loaded (its 32-bit code descriptor is CS's).
+pub fn set_pvh_mode(sregs: &mut kvm_sregs) {
+    let code = segment_from_descriptor(&BOOT_GDT, 4);
+    let data = segment_from_descriptor(&BOOT_GDT, 2);
+    let tss = segment_from_descriptor(&BOOT_GDT, 3);
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & !(CR0_PG | 1 << 30 | 1 << 29);
+    sregs.efer = 0;
+}
+
 /// FPU state after FNINIT, with the default MXCSR.
 pub fn boot_fpu() -> kvm_fpu {
     kvm_fpu {
@@ -149,6 +173,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pvh_mode_is_32_bit_protected_without_paging() {
+        let mut sregs = kvm_sregs::default();
+        set_long_mode(&mut sregs, 0x9000);
+        set_pvh_mode(&mut sregs);
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!((sregs.cr4, sregs.efer), (0, 0));
+        assert_eq!((sregs.cs.l, sregs.cs.db, sregs.cs.selector), (0, 1, 0x20));
+        assert_eq!((sregs.ss.db, sregs.ds.type_, sregs.ds.limit), (1, 3, 0xffff_ffff));
+    }
+
+    #[test]
     fn long_mode_bits_are_set() {
         let mut sregs = kvm_sregs::default();
         set_long_mode(&mut sregs, 0x9000);
@@ -158,7 +193,7 @@ mod tests {
         assert_ne!(sregs.cr4 & CR4_PAE, 0);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(sregs.cs.l, 1);
-        assert_eq!(sregs.gdt.limit, 31);
+        assert_eq!(sregs.gdt.limit, 39);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use crate::error::{Context, Error, Kind, Result};
 use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{self, KernelLoader};
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
@@ -27,6 +28,8 @@ pub struct LoadedKernel {
     pub entry: u64,
     pub end: u64,
     pub setup_header: Option<setup_header>,
+    /// The 32-bit PVH entry from the ELF's XEN_ELFNOTE_PHYS32_ENTRY note.
+    pub pvh_entry: Option<u64>,
 }
 
 /// Recognises the kernel format from its first bytes.
@@ -83,11 +86,16 @@ fn load_image<R: Read + Seek + vm_memory::ReadVolatile>(
         KernelFormat::Elf => result.kernel_end,
         KernelFormat::BzImage => result.kernel_load.0 + result.kernel_end,
     };
+    let pvh_entry = match (format, result.pvh_boot_cap) {
+        (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(addr)) => Some(addr.0),
+        _ => None,
+    };
     Ok(LoadedKernel {
         format,
         entry,
         end,
         setup_header: result.setup_header,
+        pvh_entry,
     })
 }
 

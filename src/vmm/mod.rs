@@ -13,7 +13,7 @@ pub use loader::{detect_format, KernelFormat};
 pub use memory::GuestRam;
 pub use vcpu::unix_ns;
 
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{BootProtocol, SerialOutput, VmConfig};
 use crate::error::{Context, Error, Kind, Result};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vcpu::{ExitCounters, Start, Vcpu, VcpuShared};
 use veil_arch::layout::*;
-use veil_arch::regs::{boot_fpu, boot_msrs, boot_regs, set_lint_pins, set_long_mode, EntryPoint};
+use veil_arch::regs::{boot_fpu, boot_msrs, boot_regs, set_lint_pins, set_long_mode, set_pvh_mode, EntryPoint};
 use veil_devices::legacy::{AcpiSleepControl, DebugExit, Serial, SerialInput, SerialSink, I8042};
 use veil_devices::{Bus, StopReason, StopSignal};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -149,6 +149,20 @@ impl Vm {
             None => loader::load_kernel_bytes(mem, probe_elf, "the built-in test guest")?,
         };
         loader::check_fits(mem, &kernel)?;
+        let pvh_entry = match (config.boot, kernel.pvh_entry) {
+            (BootProtocol::Linux64, _) | (BootProtocol::Auto, None) => None,
+            (_, Some(entry)) => Some(entry),
+            (BootProtocol::Pvh, None) => {
+                let what = config
+                    .kernel
+                    .as_ref()
+                    .map_or_else(|| "the built-in test guest".to_string(), |p| p.display().to_string());
+                return Err(Error::new(
+                    Kind::Data,
+                    format!("--boot pvh: kernel {what} has no PVH entry (no XEN_ELFNOTE_PHYS32_ENTRY note in an ELF)"),
+                ));
+            }
+        };
         let initrd = match &config.initrd {
             Some(path) => Some(loader::load_initrd(mem, path, ram.size, &kernel)?),
             None => None,
@@ -160,11 +174,12 @@ impl Vm {
         };
         loader::check_cmdline(&cmdline)?;
         log::info!(
-            "loaded {:?} kernel, entry {:#x}, end {:#x}, initrd {:?}",
+            "loaded {:?} kernel, entry {:#x}, end {:#x}, initrd {:?}, boot {}",
             kernel.format,
             kernel.entry,
             kernel.end,
-            initrd
+            initrd,
+            pvh_entry.map_or_else(|| "linux64".to_string(), |e| format!("pvh at {e:#x}"))
         );
 
         // User input is all checked; now the host.
@@ -289,6 +304,16 @@ impl Vm {
             ram_size: ram.size,
         };
         veil_arch::boot_params::write_boot_params(mem, &boot).map_err(guest_err)?;
+        if pvh_entry.is_some() {
+            let info = veil_arch::pvh::PvhInfo {
+                cmdline_addr: CMDLINE_ADDR,
+                initrd,
+                rsdp_addr: ACPI_START,
+                ram_size: ram.size,
+            };
+            veil_arch::pvh::write_start_info(mem, &info)
+                .map_err(|e| Error::new(Kind::Data, format!("cannot write the PVH start info: {e}")))?;
+        }
 
         log::debug!("devices and boot structures ready");
         let supported_cpuid = kvm
@@ -312,15 +337,28 @@ impl Vm {
             if id == 0 {
                 let mut sregs = fd.get_sregs().map_err(kvm_err("cannot read sregs"))?;
                 set_long_mode(&mut sregs, cr3);
-                fd.set_sregs(&sregs).map_err(kvm_err("cannot set sregs"))?;
-                let entry = EntryPoint {
-                    rip: kernel.entry,
-                    rsp: BOOT_STACK_TOP,
-                    rsi: ZERO_PAGE_ADDR,
-                    rdi: 0,
+                let regs = match pvh_entry {
+                    // PVH: 32-bit protected mode, paging off, EBX = start info.
+                    Some(rip) => {
+                        set_pvh_mode(&mut sregs);
+                        let mut regs = boot_regs(EntryPoint {
+                            rip,
+                            rsp: BOOT_STACK_TOP,
+                            rsi: 0,
+                            rdi: 0,
+                        });
+                        regs.rbx = PVH_START_INFO_ADDR;
+                        regs
+                    }
+                    None => boot_regs(EntryPoint {
+                        rip: kernel.entry,
+                        rsp: BOOT_STACK_TOP,
+                        rsi: ZERO_PAGE_ADDR,
+                        rdi: 0,
+                    }),
                 };
-                fd.set_regs(&boot_regs(entry))
-                    .map_err(kvm_err("cannot set registers"))?;
+                fd.set_sregs(&sregs).map_err(kvm_err("cannot set sregs"))?;
+                fd.set_regs(&regs).map_err(kvm_err("cannot set registers"))?;
                 starts.push(Start::Now);
                 ap_senders.push(None);
             } else {

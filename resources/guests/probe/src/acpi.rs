@@ -72,14 +72,8 @@ fn sum(addr: u64, len: u64) -> u8 {
 }
 
 fn find_rsdp(info: &BootInfo) -> Option<u64> {
-    if info.rsdp != 0 {
-        return Some(info.rsdp);
-    }
-    // ACPI 5.2.5.1: a 16-byte aligned "RSD PTR " in the BIOS area.
-    (0xE_0000u64..0x10_0000).step_by(16).find(|&a| {
-        // SAFETY: the BIOS area is low memory below 1 MiB, always present.
-        unsafe { peek::<[u8; 8]>(a) == *b"RSD PTR " && sum(a, 20) == 0 }
-    })
+    // BootInfo scanned the EBDA and BIOS area when the VMM named none.
+    (info.rsdp != 0).then_some(info.rsdp)
 }
 
 /// Check the table at `addr`: in known memory, sane length, checksum 0.

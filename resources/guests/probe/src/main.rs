@@ -1,7 +1,7 @@
 //! veil's built-in test guest ("probe").
 //!
-//! A freestanding x86-64 ELF linked at 1 MiB and entered the way Linux's
-//! 64-bit boot protocol says (docs/platform.md). It spends a few hundred
+//! A freestanding x86-64 ELF linked at 1 MiB, entered through its PVH note
+//! or the way Linux's 64-bit boot protocol says (docs/platform.md). It spends a few hundred
 //! instructions at CPL0 (boot.rs) and does everything else at CPL3, where
 //! code runs at native speed on veil's KVM. It reports on COM1 in lines
 //! `PROBE <topic> key=value ...` and ends the VM through the debug-exit port
@@ -58,12 +58,18 @@ const MODES: &[(&str, Workload)] = &[
     ("secure", virtio::secure_checks::run),
 ];
 
-/// The BSP at CPL3, from `_start` (boot.rs).
-pub extern "C" fn bsp_main(boot_params: u64) -> ! {
-    // SAFETY: veil passed boot_params in RSI; `_start` moved it here.
-    let info = unsafe { BootInfo::read(boot_params) };
+/// The BSP at CPL3, from `_start` or `probe_pvh_start` (boot.rs): `kind`
+/// 0 with `boot_params`, 1 with `hvm_start_info`.
+pub extern "C" fn bsp_main(boot_structure: u64, kind: u64) -> ! {
+    // SAFETY: the entry code passes what the VMM handed over, and its kind.
+    let info = unsafe { BootInfo::read(boot_structure, kind) };
     let mode = param(info.cmdline, "probe.mode").unwrap_or(b"basic");
     Line::new("start").text("mode", mode).emit();
+    report_boot(&info);
+    if !info.valid {
+        Line::new("done").dec("status", STATUS_FAILED as u64).emit();
+        serial::exit(STATUS_FAILED)
+    }
 
     let status = match MODES.iter().find(|(name, _)| name.as_bytes() == mode) {
         Some((_, run)) if run(&info) => STATUS_OK,
@@ -75,6 +81,35 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     };
     Line::new("done").dec("status", status as u64).emit();
     serial::exit(status)
+}
+
+/// `PROBE boot protocol=linux64|pvh ...`: what the entry structure said.
+fn report_boot(info: &BootInfo) {
+    let (protocol, given) = match info.protocol {
+        bootinfo::Protocol::Linux64 => ("linux64", "boot_params"),
+        bootinfo::Protocol::Pvh => ("pvh", "start_info"),
+    };
+    let mut line = Line::new("boot").text("protocol", protocol.as_bytes());
+    line = match info.protocol {
+        bootinfo::Protocol::Linux64 => line.hex("boot_params", info.structure),
+        bootinfo::Protocol::Pvh if !info.valid => line.hex("start_info", info.structure).word("bad_magic"),
+        bootinfo::Protocol::Pvh => line
+            .hex("start_info", info.structure)
+            .dec("version", info.pvh_version as u64)
+            .dec("modules", info.modules as u64),
+    };
+    let from = match info.rsdp_source {
+        bootinfo::RsdpSource::Given => given,
+        bootinfo::RsdpSource::Scan => "scan",
+        bootinfo::RsdpSource::None => "none",
+    };
+    line.dec("cmdline_len", info.cmdline.len() as u64)
+        .dec("memmap", info.e820().len() as u64)
+        .hex("ramdisk", info.ramdisk.0)
+        .hex("ramdisk_size", info.ramdisk.1 - info.ramdisk.0)
+        .hex("rsdp", info.rsdp)
+        .text("rsdp_from", from.as_bytes())
+        .emit();
 }
 
 /// The full check: memory map, paging, ACPI, RAM, SMP, virtio devices.

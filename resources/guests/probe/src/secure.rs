@@ -24,6 +24,9 @@ pub fn direct_only() -> bool {
 /// private=<n> shared=<n>` (the counts from QUERY afterwards). True when
 /// the call succeeded.
 pub fn enter() -> bool {
+    if !uc::require() {
+        return false;
+    }
     let (base, len) = hal::pool_range();
     let status = uc::esm(base, len / PAGE_SIZE);
     let line = Line::new("secure").word("esm").dec("status", status as u64);

@@ -67,6 +67,23 @@ pub fn query() -> Result<State, u32> {
     }
 }
 
+/// Whether the VMM answers ultracalls at all: QUERY must come back with one
+/// of the ABI's statuses. Another VMM (QEMU) has nothing at port 0xF5 and
+/// reads back all-ones or similar; then this prints `PROBE ultracall
+/// unsupported port=0xf5 query=0x..` once per caller and says no.
+pub fn require() -> bool {
+    let (status, _) = call(QUERY, [0; 4]);
+    if status <= HOST_ERROR {
+        return true;
+    }
+    crate::serial::Line::new("ultracall")
+        .word("unsupported")
+        .hex("port", 0xF5)
+        .hex("query", status as u64)
+        .emit();
+    false
+}
+
 /// ESM: all RAM private but `npages` pages from `gpa`. Returns the status.
 pub fn esm(gpa: u64, npages: u64) -> u32 {
     call(ESM, [gpa, npages, 0, 0]).0

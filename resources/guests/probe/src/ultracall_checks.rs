@@ -89,6 +89,9 @@ fn low_ram_end(info: &BootInfo) -> u64 {
 }
 
 pub fn run(info: &BootInfo) -> bool {
+    if !uc::require() {
+        return false;
+    }
     let mut c = Checks::default();
     // (a) An ordinary VM: everything shared.
     let ordinary = match uc::query() {

@@ -117,7 +117,7 @@ pub fn discover(cmdline: &[u8], ecam: Option<u64>, mapped_end: u64) -> (Vec<Foun
             });
             continue;
         };
-        if addr == 0 || !addr.is_multiple_of(4096) || size < 0x100 || addr.saturating_add(size) > mapped_end {
+        if addr == 0 || !addr.is_multiple_of(0x200) || size < 0x100 || addr.saturating_add(size) > mapped_end {
             broken.push(Broken {
                 bus: Bus::Mmio,
                 addr,

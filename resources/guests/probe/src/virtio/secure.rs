@@ -14,6 +14,9 @@ pub fn enter(cmdline: &[u8]) -> bool {
     if crate::bootinfo::param(cmdline, "probe.secure") != Some(b"1") {
         return true;
     }
+    if !ultracall::require() {
+        return false;
+    }
     let policy = hal::chosen();
     let line = Line::new("secure").text("dma", policy.name().as_bytes());
     if !policy.pool_only() {

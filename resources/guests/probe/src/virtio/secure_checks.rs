@@ -673,6 +673,9 @@ fn status_name(s: u32) -> &'static str {
 
 /// Mode `secure`: find the devices, run `probe.secure_case`.
 pub fn run(info: &BootInfo) -> bool {
+    if !crate::ultracall::require() {
+        return false;
+    }
     let acpi = crate::acpi::parse(info);
     let Some((mut devs, _)) = super::devices(info, &acpi) else {
         return false;
