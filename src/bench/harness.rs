@@ -229,7 +229,10 @@ pub struct GuestCase {
     pub case: String,
     pub requests: u64,
     pub bytes: u64,
-    pub us: u64,
+    /// TSC ticks of the case.
+    pub cycles: u64,
+    /// The same in µs, when the guest could measure its TSC rate.
+    pub us: Option<u64>,
 }
 
 /// What a serial line means to the harness.
@@ -239,6 +242,8 @@ pub enum Line {
     End(String),
     Case(GuestCase),
     Skipped(String),
+    /// The guest's TSC rate, when it could measure it (0 otherwise).
+    TscHz(u64),
     /// The guest reports a failure: the line itself.
     Failed(String),
     Other,
@@ -267,19 +272,26 @@ pub fn parse_line(line: &str) -> Line {
         (Some(w), Some(c)) if w.starts_with("case=") => match f.get("result") {
             Some(&"ok") => {
                 let num = |k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok());
-                match (num("requests"), num("bytes"), num("us")) {
-                    (Some(requests), Some(bytes), Some(us)) if requests > 0 && us > 0 => Line::Case(GuestCase {
-                        case: c,
-                        requests,
-                        bytes,
-                        us,
-                    }),
-                    _ => Line::Failed(format!("{line} (no requests, bytes or us)")),
+                match (num("requests"), num("bytes"), num("cycles")) {
+                    (Some(requests), Some(bytes), Some(cycles)) if requests > 0 && cycles > 0 => {
+                        Line::Case(GuestCase {
+                            case: c,
+                            requests,
+                            bytes,
+                            cycles,
+                            us: num("us").filter(|&us| us > 0),
+                        })
+                    }
+                    _ => Line::Failed(format!("{line} (no requests, bytes or cycles)")),
                 }
             }
             Some(&"skipped") => Line::Skipped(c),
             _ => Line::Failed(line.to_string()),
         },
+        (Some(w), None) if w.starts_with("tsc_hz=") => {
+            let hz = f.get("tsc_hz").and_then(|v| v.parse().ok()).unwrap_or(0);
+            Line::TscHz(if f.get("method") == Some(&"none") { 0 } else { hz })
+        }
         _ => Line::Other,
     }
 }
@@ -312,6 +324,7 @@ pub fn run_once(
     files: &RunFiles,
     debugfs: bool,
     limit: Duration,
+    tsc_hz: &mut Option<u64>,
 ) -> Result<Vec<Measure>, String> {
     let mut cmd = peer.command(job, &cmdline(job, sizes), files)?;
     let started = Instant::now();
@@ -376,10 +389,23 @@ pub fn run_once(
                     return Err(format!("markers for {bc}/{ec} around the result of {}", g.case));
                 }
                 e.exits = e.exits.map(|x| x.saturating_sub(marker));
-                let mbps = g.bytes as f64 / g.us as f64;
+                // Without its own TSC rate (QEMU microvm has no PIT OUT2),
+                // the guest's cycles at the rate another run measured: KVM
+                // does not scale the TSC, so every guest here counts alike.
+                let us = match (g.us, *tsc_hz) {
+                    (Some(us), _) => us as f64,
+                    (None, Some(hz)) => g.cycles as f64 * 1e6 / hz as f64,
+                    (None, None) => {
+                        return Err(format!(
+                            "the guest could not measure its TSC rate and no other run did: '{line}'"
+                        ));
+                    }
+                };
+                let mbps = g.bytes as f64 / us;
                 measures.push(Measure::new(&g.case, mbps, g.requests, &e, &b));
             }
-            Line::Skipped(_) | Line::Other => {}
+            Line::TscHz(hz) if hz > 0 => *tsc_hz = Some(hz),
+            Line::TscHz(_) | Line::Skipped(_) | Line::Other => {}
             Line::Failed(l) => return Err(format!("the guest reported '{l}'")),
         }
     }
@@ -508,6 +534,8 @@ fn run_in(dir: &Path, veil_exe: &Path, groups: &[String], args: &HarnessArgs) ->
     let limit = Duration::from_secs(args.case_timeout);
     // (job, peer) -> one Vec<Measure> per run.
     let mut got: HashMap<(usize, &'static str), Vec<Vec<Measure>>> = HashMap::new();
+    // The TSC rate the last guest that could measure it reported.
+    let mut tsc_hz = None;
     for _run in 0..args.runs {
         for (j, job) in jobs.iter().enumerate() {
             for peer in &peers {
@@ -526,7 +554,7 @@ fn run_in(dir: &Path, veil_exe: &Path, groups: &[String], args: &HarnessArgs) ->
                     image: (job.workload == Workload::Blk).then_some(image.as_path()),
                     udp_port: free_udp_port(),
                 };
-                let m = run_once(peer.as_ref(), job, sizes, &files, debugfs, limit)
+                let m = run_once(peer.as_ref(), job, sizes, &files, debugfs, limit, &mut tsc_hz)
                     .map_err(|e| format!("bench {} on {}: {e}", job.name, peer.name()))?;
                 got.entry((j, peer.name())).or_default().push(m);
                 bar.inc(1);
@@ -583,13 +611,26 @@ mod tests {
                 case: "blk-randread-4k".into(),
                 requests: 4096,
                 bytes: 16777216,
-                us: 613135
+                cycles: 1,
+                us: Some(613135)
             })
         );
         assert_eq!(
             parse_line("PROBE bench case=blk-seqwrite-1m dev=blk0 transport=pci result=skipped reason=readonly"),
             Line::Skipped("blk-seqwrite-1m".into())
         );
+        // Under QEMU microvm: cycles, no us.
+        assert_eq!(
+            parse_line("PROBE bench case=net-64 dev=net0 transport=mmio requests=5 bytes=320 cycles=99 result=ok"),
+            Line::Case(GuestCase {
+                case: "net-64".into(),
+                requests: 5,
+                bytes: 320,
+                cycles: 99,
+                us: None
+            })
+        );
+        assert_eq!(parse_line("PROBE bench tsc_hz=0 method=none"), Line::TscHz(0));
         // A case without a time cannot give a rate: a failure, not a number.
         assert!(matches!(
             parse_line("PROBE bench case=x requests=5 bytes=9 result=ok"),
@@ -602,7 +643,10 @@ mod tests {
         assert!(matches!(parse_line("PROBE bench error=no_blk_device"), Line::Failed(_)));
         assert!(matches!(parse_line("PROBE done status=1"), Line::Failed(_)));
         assert_eq!(parse_line("PROBE done status=0"), Line::Other);
-        assert_eq!(parse_line("PROBE bench tsc_hz=2445508732 method=pit"), Line::Other);
+        assert_eq!(
+            parse_line("PROBE bench tsc_hz=2445508732 method=pit"),
+            Line::TscHz(2445508732)
+        );
     }
 
     #[test]

@@ -164,17 +164,31 @@ impl Peer for Qemu {
 
     fn command(&self, job: &Job, cmdline: &str, files: &RunFiles) -> Result<Command, String> {
         let pci = job.transport == "pci";
+        // microvm with ACPI (the probe needs it) and a PIT (its TSC
+        // calibration), its virtio-mmio transports virtio 1.x.
         let machine = if pci {
             "q35,accel=kvm"
         } else {
-            "microvm,accel=kvm,isa-serial=on"
+            "microvm,accel=kvm,acpi=on,pic=off,pit=on,rtc=off,isa-serial=on"
         };
         let mut cmd = Command::new(&self.exe);
-        cmd.args(["-M", machine, "-cpu", "host", "-m", job.memory(), "-smp", "1"]);
+        cmd.args(["-M", machine]);
+        if !pci {
+            cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
+        }
+        // This machine's KVM refuses QEMU's write of IA32_ARCH_CAPABILITIES.
+        cmd.args(["-cpu", "host,-arch-capabilities", "-m", job.memory(), "-smp", "1"]);
         cmd.args(["-name", "veil-peer,debug-threads=on"]);
         cmd.args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"]);
         cmd.arg("-kernel").arg(&self.probe_elf);
-        cmd.args(["-append", cmdline]);
+        // microvm describes its virtio-mmio transports in the DSDT only:
+        // name the first (the top one, which QEMU fills first) for the probe.
+        let with_devices = if pci || matches!(job.workload, Workload::Boot) {
+            cmdline.to_string()
+        } else {
+            format!("{cmdline} virtio_mmio.device=512@0xfeb02e00:0")
+        };
+        cmd.args(["-append", &with_devices]);
         cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
         let platform = match job.qemu {
             QemuDma::Bypass => "",
