@@ -216,7 +216,7 @@ pub fn cmdline(job: &Job, sizes: Sizes) -> String {
         Workload::Net => "net",
     };
     format!(
-        "probe.mode=bench probe.bench={bench} probe.bench_mib={} probe.qd={} probe.net_frames={} probe.bench_pause_ms=30 {}",
+        "probe.mode=bench probe.bench={bench} probe.bench_mib={} probe.qd={} probe.net_frames={} probe.bench_pause_ms=0 {}",
         sizes.mib, sizes.qd, sizes.frames, job.probe_params
     )
     .trim_end()
@@ -689,7 +689,7 @@ mod tests {
         };
         assert_eq!(
             cmdline(j, sizes),
-            "probe.mode=bench probe.bench=blk probe.bench_mib=4 probe.qd=2 probe.net_frames=100 probe.bench_pause_ms=30 probe.dma=lazy"
+            "probe.mode=bench probe.bench=blk probe.bench_mib=4 probe.qd=2 probe.net_frames=100 probe.bench_pause_ms=0 probe.dma=lazy"
         );
     }
 }
