@@ -136,3 +136,70 @@ fn usage_errors() {
         out.stderr
     );
 }
+
+/// Like tests/qemu.rs: QEMU is optional on a developer machine, required in CI.
+fn qemu_available() -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
+        .unwrap_or(false);
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "CI must have qemu-system-x86_64");
+        eprintln!("SKIPPED: qemu-system-x86_64 is not installed");
+    }
+    found
+}
+
+#[test]
+fn qemu_peer_runs_net_and_cannot_run_ultracalls() {
+    if !common::kvm_available() || !qemu_available() {
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("veil-bench-qemu-{}.json", std::process::id()));
+    let json_arg = json.display().to_string();
+    let args = [
+        "bench", "all", "--peer", "qemu", "--only", "net,boot", "--runs", "1", "--frames", "64", "--json", &json_arg,
+    ];
+    let out = common::run_veil(&args, Duration::from_secs(240));
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    let report: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(report.peers, ["veil", "qemu"]);
+    for transport in ["mmio", "pci"] {
+        let row = report
+            .rows
+            .iter()
+            .find(|r| r.case == "net-1500" && r.transport == transport)
+            .unwrap();
+        let qemu = &row.results["qemu"];
+        assert_eq!(qemu.status, Status::Ok);
+        assert_eq!(qemu.requests, Some(64));
+        assert!(qemu.value.as_ref().unwrap().median > 0.0);
+        let ratio = row.ratio_veil_to_peer.unwrap();
+        let veil = row.results["veil"].value.as_ref().unwrap().median;
+        assert!((ratio - veil / qemu.value.as_ref().unwrap().median).abs() < 1e-9);
+    }
+    let boot = report.rows.iter().find(|r| r.case == "first-serial-line").unwrap();
+    assert!(boot.results["qemu"].value.as_ref().unwrap().median > 0.0);
+
+    // The secure group: QEMU's column says why it has no figures.
+    let out = common::run_veil(
+        &[
+            "bench",
+            "secure",
+            "--peer",
+            "qemu",
+            "--runs",
+            "1",
+            "--mib",
+            "1",
+            "--esm-memory",
+            "256M",
+        ],
+        Duration::from_secs(240),
+    );
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert!(out.stdout.contains("| blk-seqread-64k | pci | secure-bounce | MB/s |"));
+    assert!(out
+        .stdout
+        .contains("- qemu n/a for secure-bounce-pci: ultracalls (ESM, SHARE, UNSHARE) are veil's own"));
+}
