@@ -174,6 +174,10 @@ pub enum BenchCommand {
     Net(DeviceBenchArgs),
     /// Block and net workloads in every DMA setup (bypass, platform, vIOMMU lazy/strict, secure), and ESM's cost.
     Dma(DmaBenchArgs),
+    /// Secure guests: block I/O through bounce pages and the vIOMMU after ESM, against bypass, and ESM/SHARE/UNSHARE costs.
+    Secure(HarnessArgs),
+    /// Every case (boot, blk, net, dma, secure), interleaved run by run, optionally against QEMU: Markdown, JSON, SVG.
+    All(HarnessArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -238,4 +242,41 @@ pub struct DmaBenchArgs {
     /// Guest RAM sizes at which to measure ESM (none: skip), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
     pub esm_memory: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HarnessArgs {
+    /// Run every case on this peer VMM too (qemu).
+    #[arg(long, value_name = "PEER")]
+    pub peer: Option<String>,
+    /// The QEMU binary for --peer qemu.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Runs per case and peer.
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+    /// Only these groups (boot, blk, net, dma, secure), comma separated [default: all].
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// MiB moved per block case.
+    #[arg(long, default_value_t = 8)]
+    pub mib: u64,
+    /// Block requests in flight.
+    #[arg(long, default_value_t = 1)]
+    pub qd: u32,
+    /// Frames per net case.
+    #[arg(long, default_value_t = 2000)]
+    pub frames: u64,
+    /// Guest RAM sizes at which to measure ESM (256M, 512M, 1G, 2G, 4G), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "256M")]
+    pub esm_memory: Vec<String>,
+    /// Seconds one VMM process may take before the case fails.
+    #[arg(long, default_value_t = 300)]
+    pub case_timeout: u64,
+    /// Write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write SVG charts into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
 }

@@ -5,8 +5,7 @@
 //! memory through its DMA view.
 
 pub mod bench;
-pub mod bench_device;
-pub mod bench_dma;
+
 pub mod cli;
 pub mod config;
 pub mod devices_config;

@@ -98,9 +98,18 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Bench(b) => match b.what {
             BenchCommand::Boot(args) => veil::bench::boot(&args),
-            BenchCommand::Blk(args) => veil::bench_device::run(veil::bench_device::Kind::Blk, &args),
-            BenchCommand::Net(args) => veil::bench_device::run(veil::bench_device::Kind::Net, &args),
-            BenchCommand::Dma(args) => veil::bench_dma::run(&args),
+            BenchCommand::Blk(args) => veil::bench::device::run(veil::bench::device::Kind::Blk, &args),
+            BenchCommand::Net(args) => veil::bench::device::run(veil::bench::device::Kind::Net, &args),
+            BenchCommand::Dma(args) => veil::bench::dma::run(&args),
+            BenchCommand::Secure(args) => veil::bench::harness::run(&["secure".to_string()], &args),
+            BenchCommand::All(args) => {
+                let groups = if args.only.is_empty() {
+                    vec!["all".to_string()]
+                } else {
+                    args.only.clone()
+                };
+                veil::bench::harness::run(&groups, &args)
+            }
         },
         Command::ProbeElf(args) => match std::fs::write(&args.path, veil::probe_image::PROBE_ELF) {
             Ok(()) => ExitCode::SUCCESS,

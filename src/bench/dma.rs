@@ -16,7 +16,7 @@
 //! invocation. ESM's cost is read from veil's metrics after the guest's
 //! ultracall run (`probe.mode=ultracall`) at each memory size.
 
-use crate::bench_device::{run_transport, CaseResult, Kind, Setup};
+use super::device::{run_transport, CaseResult, Kind, Setup};
 use crate::cli::{DeviceBenchArgs, DmaBenchArgs};
 use serde_json::Value;
 use std::path::Path;
@@ -117,7 +117,7 @@ fn print_esm(veil: &Path, sizes: &[String]) -> Result<(), String> {
 }
 
 pub fn run(args: &DmaBenchArgs) -> ExitCode {
-    let veil = match crate::bench::veil_exe() {
+    let veil = match super::veil_exe() {
         Ok(p) => p,
         Err(code) => return code,
     };

@@ -258,7 +258,7 @@ pub fn print_table(results: &[CaseResult]) {
 }
 
 pub fn run(kind: Kind, args: &DeviceBenchArgs) -> ExitCode {
-    let veil = match crate::bench::veil_exe() {
+    let veil = match super::veil_exe() {
         Ok(p) => p,
         Err(code) => return code,
     };

@@ -88,14 +88,6 @@ fn series(veil: &Path, runs: u32, args: &[String], marker: Option<&str>) -> Resu
     samples
 }
 
-/// veil's own executable, which every benchmark runs as `veil run`.
-pub fn veil_exe() -> Result<PathBuf, ExitCode> {
-    std::env::current_exe().map_err(|e| {
-        eprintln!("veil: error: cannot find veil's own executable: {e}");
-        ExitCode::from(69)
-    })
-}
-
 pub fn boot(what: &BootBenchArgs) -> ExitCode {
     let BootBenchArgs {
         runs,
@@ -106,7 +98,7 @@ pub fn boot(what: &BootBenchArgs) -> ExitCode {
         marker,
         linux_runs,
     } = what.clone();
-    let veil = match veil_exe() {
+    let veil = match super::veil_exe() {
         Ok(p) => p,
         Err(code) => return code,
     };
