@@ -413,7 +413,7 @@ impl Vm {
             stop,
             timeout: config.timeout_secs.map(Duration::from_secs_f64),
             started_unix_ns,
-            sandbox: Sandbox::new(config.seccomp),
+            sandbox: Sandbox::new(config.seccomp).map_err(|e| Error::new(Kind::Unavailable, e))?,
         })
     }
 
