@@ -200,9 +200,9 @@ fn argument_rules(kind: ThreadKind) -> Result<Vec<(libc::c_long, Vec<SeccompRule
 
 fn program(kind: ThreadKind) -> Result<BpfProgram, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed(kind).into_iter().map(|nr| (nr as i64, Vec::new())).collect();
+        allowed(kind).into_iter().map(|nr| (nr, Vec::new())).collect();
     for (nr, conditional) in argument_rules(kind)? {
-        rules.insert(nr as i64, conditional);
+        rules.insert(nr, conditional);
     }
     let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| format!("cannot build the {} seccomp filter: {e}", kind.name()))?;
