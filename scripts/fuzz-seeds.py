@@ -92,4 +92,23 @@ write("boot_tables", "one-cpu", bytes([1, 0, 8]) + u64(0))
 write("boot_tables", "many-devices-viot", bytes([8, 6, 1 | 2 | 8, 0, 2]) + u64(1 << 32))
 write("boot_tables", "mmio-viot", bytes([255, 3, 2 | 4]) + u64(5 << 30))
 write("boot_tables", "zero-cpus", bytes([0, 0, 0]))
+# virtio-mmio: mode byte, then (register index, width byte, u64 value) writes
+# or (index | 0x20, width byte) reads. Indexes into the target's REGS.
+STATUS, QSEL, QNUM, QREADY, NOTIFY, DFSEL, DF, DESC, AVAIL, USED, CONFIG = 15, 8, 10, 11, 12, 7, 6, 16, 18, 20, 23
+
+
+def w(reg, v):
+    return bytes([reg, 0]) + u64(v)
+
+
+def r(reg):
+    return bytes([reg | 0x20, 0])
+
+
+init = w(STATUS, 1) + w(STATUS, 3) + w(DFSEL, 1) + w(DF, 1) + w(DFSEL, 0) + w(DF, 1) + w(STATUS, 11) + r(STATUS)
+for q in (0, 1):
+    init += w(QSEL, q) + w(QNUM, 8) + w(DESC, 0x1000 * q) + w(AVAIL, 0x400 + 0x1000 * q) + w(USED, 0x800 + 0x1000 * q) + w(QREADY, 1)
+write("virtio_mmio", "init-driver-ok-notify-reset", bytes([0]) + init + w(STATUS, 15) + w(NOTIFY, 0) + r(CONFIG) + w(STATUS, 0) + r(STATUS))
+write("virtio_mmio", "no-version-1", bytes([0]) + w(STATUS, 3) + w(STATUS, 11) + r(STATUS) + w(STATUS, 15))
+write("virtio_mmio", "ready-after-driver-ok", bytes([1]) + init + w(STATUS, 15) + w(QSEL, 0) + w(QREADY, 0) + w(QNUM, 3))
 sys.exit(0)

@@ -1,0 +1,140 @@
+//! Arbitrary register reads and writes on a virtio-mmio transport, with a
+//! device behind it that records its activations: feature negotiation,
+//! queue set-up (QueueReady included), status transitions, notify, config.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use std::sync::{Arc, Mutex};
+use veil_devices::dma::{direct_view, DmaMode};
+use veil_devices::virtio::mmio::{MmioInterrupt, MmioTransport};
+use veil_devices::virtio::transport::VirtioState;
+use veil_devices::virtio::{features, status, ActivateError, Activation, DeviceMetrics, VirtioDevice};
+use veil_devices::BusDevice;
+use veil_fuzz::{guest, Input};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Activations seen: (queues, acked features); `None` after a reset.
+type Log = Arc<Mutex<Vec<Option<(Vec<u16>, u64)>>>>;
+
+struct Stub {
+    log: Log,
+    config: [u8; 16],
+}
+
+impl VirtioDevice for Stub {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn name(&self) -> &str {
+        "stub0"
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 8]
+    }
+    fn device_features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC | 1
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| self.config.get(o as usize))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+        let Some(end) = (offset as usize).checked_add(data.len()) else {
+            return false;
+        };
+        match self.config.get_mut(offset as usize..end) {
+            Some(dst) => {
+                dst.copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        // Activation comes with DRIVER_OK after FEATURES_OK only.
+        let offered = self.device_features() | features::ACCESS_PLATFORM;
+        assert_eq!(a.acked_features & !offered, 0, "acked features never offered");
+        assert!(a.acked_features & features::VERSION_1 != 0);
+        let queues: Vec<u16> = a.queues.iter().map(|q| q.index).collect();
+        assert!(queues.iter().all(|&i| i < 2));
+        self.log.lock().unwrap().push(Some((queues, a.acked_features)));
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.log.lock().unwrap().push(None);
+    }
+}
+
+/// virtio-mmio registers (virtio 1.2 §4.2.2) the input picks from.
+const REGS: [u64; 25] = [
+    0x000, 0x004, 0x008, 0x00c, 0x010, 0x014, 0x020, 0x024, 0x030, 0x034, 0x038, 0x044, 0x050, 0x060, 0x064, 0x070,
+    0x080, 0x084, 0x090, 0x094, 0x0a0, 0x0a4, 0x0fc, 0x100, 0x104,
+];
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Input(data);
+    let mem = guest();
+    let log: Log = Arc::default();
+    let device = Box::new(Stub {
+        log: log.clone(),
+        config: [0; 16],
+    });
+    let mode = if input.u8() & 1 != 0 {
+        DmaMode::Platform
+    } else {
+        DmaMode::Bypass
+    };
+    let interrupt = Arc::new(MmioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+    let state = VirtioState::new(
+        device,
+        mode,
+        false,
+        direct_view(mem.clone()),
+        interrupt.clone(),
+        Arc::new(DeviceMetrics::default()),
+    )
+    .unwrap();
+    let mut t = MmioTransport::new(state, interrupt);
+    while !input.is_empty() {
+        let op = input.u8();
+        let offset = if op & 0x40 != 0 {
+            u64::from(input.u16())
+        } else {
+            REGS[usize::from(op & 0x3f) % REGS.len()]
+        };
+        let len = [4, 1, 2, 8][usize::from(op >> 7) * 2 + usize::from(input.u8() & 1)];
+        if op & 0x20 != 0 {
+            let mut b = vec![0u8; len];
+            t.read(offset, &mut b);
+            if offset == 0 && len == 4 {
+                assert_eq!(b, b"virt");
+            }
+        } else {
+            let v = input.u64().to_le_bytes();
+            t.write(offset, &v[..len]);
+        }
+        let s = t.state().status();
+        // FEATURES_OK only with VERSION_1 acked; DRIVER_OK only after
+        // FEATURES_OK; FAILED or NEEDS_RESET never cleared but by reset.
+        if s & status::DRIVER_OK != 0 {
+            assert!(s & status::FEATURES_OK != 0, "DRIVER_OK without FEATURES_OK: {s:#x}");
+        }
+    }
+    // Activations and resets alternate: never two activations in a row.
+    let log = log.lock().unwrap();
+    let mut active = false;
+    for e in log.iter() {
+        match e {
+            Some(_) => {
+                assert!(!active, "activated twice without a reset");
+                active = true;
+            }
+            None => active = false,
+        }
+    }
+});
