@@ -111,4 +111,26 @@ for q in (0, 1):
 write("virtio_mmio", "init-driver-ok-notify-reset", bytes([0]) + init + w(STATUS, 15) + w(NOTIFY, 0) + r(CONFIG) + w(STATUS, 0) + r(STATUS))
 write("virtio_mmio", "no-version-1", bytes([0]) + w(STATUS, 3) + w(STATUS, 11) + r(STATUS) + w(STATUS, 15))
 write("virtio_mmio", "ready-after-driver-ok", bytes([1]) + init + w(STATUS, 15) + w(QSEL, 0) + w(QREADY, 0) + w(QNUM, 3))
+# virtio-pci: mode byte, then ops: op (bits 6-7 width 1/2/4/8, 0x20 write,
+# 0x10 config space, 0x08 raw BAR offset, 0-7 region: common, ISR, device,
+# notify, MSI-X table, PBA), a u16 offset, a u64 value for writes.
+def bar_w(op, at, v):
+    return bytes([op | 0x20]) + struct.pack("<H", at) + u64(v)
+
+
+def bar_r(op, at):
+    return bytes([op]) + struct.pack("<H", at)
+
+
+B1, B2, B4, B8 = 0x00, 0x40, 0x80, 0xC0
+pci = bar_w(B1, 0x14, 1) + bar_w(B1, 0x14, 3) + bar_w(B4, 0x08, 1) + bar_w(B4, 0x0C, 1) + bar_w(B1, 0x14, 11)
+for q in (0, 1):
+    pci += bar_w(B2, 0x16, q) + bar_w(B2, 0x18, 8) + bar_w(B8, 0x20, 0x1000 * q) + bar_w(B8, 0x28, 0x400 + 0x1000 * q)
+    pci += bar_w(B8, 0x30, 0x800 + 0x1000 * q) + bar_w(B2, 0x1A, q) + bar_w(B2, 0x1C, 1)
+pci += bar_w(B1, 0x14, 15) + bar_w(B2 | 3, 0, 0) + bar_r(B1 | 1, 0) + bar_r(B4 | 2, 0)
+msix = bar_w(B4 | 4, 0, 0xFEE00000) + bar_w(B4 | 4, 8, 0x4041) + bar_w(B4 | 4, 12, 0) + bar_r(B8 | 5, 0)
+cfg = bytes([0x10 | 0x20 | B2]) + struct.pack("<H", 4) + u64(6) + bytes([0x10 | B4]) + struct.pack("<H", 0x10)
+write("virtio_pci", "init-driver-ok-notify", bytes([0]) + pci + bar_w(B1, 0x14, 0))
+write("virtio_pci", "msix-table", bytes([1]) + msix + pci)
+write("virtio_pci", "config-space", bytes([0]) + cfg)
 sys.exit(0)

@@ -4,71 +4,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use veil_devices::dma::{direct_view, DmaMode};
 use veil_devices::virtio::mmio::{MmioInterrupt, MmioTransport};
 use veil_devices::virtio::transport::VirtioState;
-use veil_devices::virtio::{features, status, ActivateError, Activation, DeviceMetrics, VirtioDevice};
+use veil_devices::virtio::{status, DeviceMetrics};
 use veil_devices::BusDevice;
-use veil_fuzz::{guest, Input};
+use veil_fuzz::{check_activations, guest, Input, Log, Stub};
 use vmm_sys_util::eventfd::EventFd;
-
-/// Activations seen: (queues, acked features); `None` after a reset.
-type Log = Arc<Mutex<Vec<Option<(Vec<u16>, u64)>>>>;
-
-struct Stub {
-    log: Log,
-    config: [u8; 16],
-}
-
-impl VirtioDevice for Stub {
-    fn device_type(&self) -> u32 {
-        4
-    }
-    fn name(&self) -> &str {
-        "stub0"
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16, 8]
-    }
-    fn device_features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC | 1
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| self.config.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
-    }
-    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
-        let Some(end) = (offset as usize).checked_add(data.len()) else {
-            return false;
-        };
-        match self.config.get_mut(offset as usize..end) {
-            Some(dst) => {
-                dst.copy_from_slice(data);
-                true
-            }
-            None => false,
-        }
-    }
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        // Activation comes with DRIVER_OK after FEATURES_OK only.
-        let offered = self.device_features() | features::ACCESS_PLATFORM;
-        assert_eq!(a.acked_features & !offered, 0, "acked features never offered");
-        assert!(a.acked_features & features::VERSION_1 != 0);
-        let queues: Vec<u16> = a.queues.iter().map(|q| q.index).collect();
-        assert!(queues.iter().all(|&i| i < 2));
-        self.log.lock().unwrap().push(Some((queues, a.acked_features)));
-        Ok(())
-    }
-    fn reset(&mut self) {
-        self.log.lock().unwrap().push(None);
-    }
-}
 
 /// virtio-mmio registers (virtio 1.2 §4.2.2) the input picks from.
 const REGS: [u64; 25] = [
@@ -80,10 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let mem = guest();
     let log: Log = Arc::default();
-    let device = Box::new(Stub {
-        log: log.clone(),
-        config: [0; 16],
-    });
+    let device = Box::new(Stub::new(log.clone()));
     let mode = if input.u8() & 1 != 0 {
         DmaMode::Platform
     } else {
@@ -125,16 +65,5 @@ fuzz_target!(|data: &[u8]| {
             assert!(s & status::FEATURES_OK != 0, "DRIVER_OK without FEATURES_OK: {s:#x}");
         }
     }
-    // Activations and resets alternate: never two activations in a row.
-    let log = log.lock().unwrap();
-    let mut active = false;
-    for e in log.iter() {
-        match e {
-            Some(_) => {
-                assert!(!active, "activated twice without a reset");
-                active = true;
-            }
-            None => active = false,
-        }
-    }
+    check_activations(&log);
 });

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use veil_devices::virtio::{ActiveQueue, InterruptCause, VirtioInterrupt};
+use std::sync::{Arc, Mutex};
+use veil_devices::virtio::{
+    features, ActivateError, Activation, ActiveQueue, InterruptCause, VirtioDevice, VirtioInterrupt,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -313,5 +316,84 @@ pub struct NoHost;
 impl veil_devices::dma::HostProtection for NoHost {
     fn set_accessible(&self, _gpa: u64, _len: u64, _accessible: bool) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Activations seen: (queues, acked features); `None` after a reset.
+pub type Log = Arc<Mutex<Vec<Option<(Vec<u16>, u64)>>>>;
+
+/// A device behind a transport target: records its activations, has a
+/// 16-byte writable config space and two queues.
+pub struct Stub {
+    log: Log,
+    config: [u8; 16],
+}
+
+impl Stub {
+    pub fn new(log: Log) -> Stub {
+        Stub { log, config: [0; 16] }
+    }
+}
+
+impl VirtioDevice for Stub {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn name(&self) -> &str {
+        "stub0"
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 8]
+    }
+    fn device_features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC | 1
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| self.config.get(o as usize))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+        let Some(end) = (offset as usize).checked_add(data.len()) else {
+            return false;
+        };
+        match self.config.get_mut(offset as usize..end) {
+            Some(dst) => {
+                dst.copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        // Activation comes with DRIVER_OK after FEATURES_OK only.
+        let offered = self.device_features() | features::ACCESS_PLATFORM;
+        assert_eq!(a.acked_features & !offered, 0, "acked features never offered");
+        assert!(a.acked_features & features::VERSION_1 != 0);
+        let queues: Vec<u16> = a.queues.iter().map(|q| q.index).collect();
+        assert!(queues.iter().all(|&i| i < 2));
+        self.log.lock().unwrap().push(Some((queues, a.acked_features)));
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.log.lock().unwrap().push(None);
+    }
+}
+
+/// Activations and resets alternate: never two activations in a row.
+pub fn check_activations(log: &Log) {
+    let mut active = false;
+    for e in log.lock().unwrap().iter() {
+        match e {
+            Some(_) => {
+                assert!(!active, "activated twice without a reset");
+                active = true;
+            }
+            None => active = false,
+        }
     }
 }
