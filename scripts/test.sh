@@ -18,3 +18,10 @@ cargo test --release --workspace -- --test-threads=2 --skip linux
 # (each emulated CPL0 guest needs a core of its own here) and uncaptured,
 # so the log shows each boot's time.
 cargo test --release --test linux -- --test-threads=1 --nocapture
+# The fuzz smoke run (docs/security.md, "Fuzzing"): every target for
+# VEIL_FUZZ_SECONDS seconds (60), with the nightly toolchain if there is one.
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  scripts/fuzz.sh "${VEIL_FUZZ_SECONDS:-60}"
+else
+  echo "fuzz: no nightly toolchain, smoke run skipped"
+fi

@@ -5,12 +5,12 @@ mod devices;
 mod irq;
 mod loader;
 mod memory;
-mod ultracall;
+pub mod ultracall;
 mod vcpu;
 mod wakeup;
 
 pub use loader::{detect_format, KernelFormat};
-pub use memory::GuestRam;
+pub use memory::{GuestRam, HostViewProtection};
 pub use vcpu::unix_ns;
 
 use crate::config::{BootProtocol, SerialOutput, VmConfig};

@@ -11,8 +11,10 @@
 //! DEVICE_NEEDS_RESET in the device status.
 
 pub mod backend;
-mod handler;
-mod request;
+#[doc(hidden)]
+pub mod handler;
+#[doc(hidden)]
+pub mod request;
 
 #[cfg(test)]
 mod tests;

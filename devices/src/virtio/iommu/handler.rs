@@ -64,7 +64,7 @@ impl IommuWorker {
         }
     }
 
-    fn process_requests(&mut self) {
+    pub(super) fn process_requests(&mut self) {
         if let Err(e) = self.requests.queue.disable_notification(&self.mem) {
             log::debug!("iommu: cannot disable notifications: {e}");
         }
@@ -162,7 +162,7 @@ impl IommuWorker {
     }
 
     /// Writes queued faults into event buffers while there are both.
-    fn report_faults(&mut self) {
+    pub(super) fn report_faults(&mut self) {
         let (recorded, dropped) = self.faults.take_counts();
         DeviceMetrics::add(&self.metrics.iommu_faults, recorded);
         DeviceMetrics::add(&self.metrics.iommu_faults_dropped, dropped);

@@ -123,6 +123,22 @@ mod config {
     pub const BYPASS: usize = 36;
 }
 
+/// The worker of `Iommu::sync_worker`.
+#[doc(hidden)]
+pub struct SyncWorker(IommuWorker);
+
+impl SyncWorker {
+    /// What a notification of the request queue does.
+    pub fn process_requests(&mut self) {
+        self.0.process_requests();
+    }
+
+    /// What a notification of the event queue (or a fault) does.
+    pub fn report_faults(&mut self) {
+        self.0.report_faults();
+    }
+}
+
 /// A virtio-iommu device.
 pub struct Iommu {
     name: String,
@@ -188,6 +204,31 @@ impl Iommu {
     /// Faults recorded by the endpoints and not yet reported.
     pub fn pending_faults(&self) -> usize {
         self.faults.len()
+    }
+
+    /// The worker of an activation, served on the caller's thread instead
+    /// of its own: for fuzzing and tests, which drive it step by step.
+    #[doc(hidden)]
+    pub fn sync_worker(&mut self, activation: Activation) -> Result<SyncWorker, ActivateError> {
+        self.reset();
+        let Activation {
+            mem,
+            queues,
+            interrupt,
+            acked_features,
+            metrics,
+        } = activation;
+        let [requests, events] = take_queues(queues, &self.name)?;
+        lock(&self.state).set_acked(acked_features);
+        Ok(SyncWorker(IommuWorker::new(
+            mem,
+            requests,
+            events,
+            self.faults.clone(),
+            self.state.clone(),
+            interrupt,
+            metrics,
+        )))
     }
 
     fn config(&self) -> [u8; CONFIG_LEN] {

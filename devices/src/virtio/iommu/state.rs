@@ -524,6 +524,33 @@ mod tests {
         assert_eq!(st.unmap(DOMAIN_END + 1, 0, last(1)), Err(Status::Range));
     }
 
+    /// A guest that maps a million single pages into one domain gets NOMEM
+    /// past the default per-domain cap, and the device keeps no more.
+    #[test]
+    fn a_million_maps_stop_at_the_cap() {
+        let mut s = setup();
+        let st = &mut s.state;
+        st.attach(1, 1, 0, 0).unwrap();
+        let cap = Limits::default().mappings_per_domain as u64;
+        let mut refused = 0u64;
+        for i in 0..1_000_000u64 {
+            let iova = i * 0x1000;
+            match st.map(1, iova, iova + 0xfff, 0, RW) {
+                Ok(()) => assert!(i < cap, "map {i} past the cap"),
+                Err(e) => {
+                    assert_eq!(e, Status::NoMem, "map {i}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(refused, 1_000_000 - cap);
+        assert_eq!(st.mapping_count(1), Some(cap as usize));
+        // Unmapping everything gives room back.
+        st.unmap(1, 0, INPUT_END).unwrap();
+        assert_eq!(st.mapping_count(1), Some(0));
+        st.map(1, 0, 0xfff, 0, RW).unwrap();
+    }
+
     #[test]
     fn limits_give_nomem() {
         let limits = Limits {

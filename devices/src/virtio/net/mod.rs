@@ -74,6 +74,23 @@ const EV_RX: u32 = 0;
 const EV_TX: u32 = 1;
 const EV_BACKEND: u32 = 2;
 
+/// The worker of `Net::sync_worker`.
+#[doc(hidden)]
+pub struct SyncWorker(NetWorker);
+
+impl SyncWorker {
+    /// What a notification of the transmit queue does.
+    pub fn process_tx(&mut self) {
+        self.0.process_tx();
+    }
+
+    /// What a notification of the receive queue (or a frame from the
+    /// backend) does.
+    pub fn process_rx(&mut self) {
+        self.0.process_rx();
+    }
+}
+
 /// A virtio-net device.
 pub struct Net {
     name: String,
@@ -100,6 +117,23 @@ impl Net {
 
     pub fn backend(&self) -> &NetBackend {
         &self.backend
+    }
+
+    /// The worker of an activation, served on the caller's thread instead
+    /// of its own: for fuzzing and tests, which drive it step by step.
+    #[doc(hidden)]
+    pub fn sync_worker(&mut self, activation: Activation) -> Result<SyncWorker, ActivateError> {
+        self.reset();
+        let Activation {
+            mem,
+            queues,
+            interrupt,
+            metrics,
+            ..
+        } = activation;
+        let [rx, tx] = take_queues(queues, &self.name)?;
+        let backend = self.backend.connect()?;
+        Ok(SyncWorker(NetWorker::new(mem, rx, tx, backend, interrupt, metrics)))
     }
 
     /// `struct virtio_net_config` up to `status` (no MQ, MTU, speed...).

@@ -1,0 +1,399 @@
+//! Pieces the fuzz targets share: a small guest memory, a split virtqueue
+//! laid out in it from fuzz bytes, and an independent walk of the chains
+//! the driver offered, to tell which bytes the device may write.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use veil_devices::virtio::{
+    features, ActivateError, Activation, ActiveQueue, InterruptCause, VirtioDevice, VirtioInterrupt,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest RAM of every target: 256 KiB.
+pub const MEM_SIZE: u64 = 0x4_0000;
+/// Where buffers go; below it are the rings.
+pub const DATA_START: u64 = 0x1_0000;
+pub const QUEUE_SIZE: u16 = 16;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+/// Reads fuzz bytes front to back; zeros once they run out.
+pub struct Input<'a>(pub &'a [u8]);
+
+impl Input<'_> {
+    pub fn u8(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.u8(), self.u8()])
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        u32::from(self.u16()) | (u32::from(self.u16()) << 16)
+    }
+
+    pub fn u64(&mut self) -> u64 {
+        u64::from(self.u32()) | (u64::from(self.u32()) << 32)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+pub fn guest() -> GuestMemoryMmap {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest RAM")
+}
+
+/// One queue's rings, at `base` (desc), `base + 0x400` (avail),
+/// `base + 0x800` (used).
+#[derive(Clone, Copy, Debug)]
+pub struct Rings {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+impl Rings {
+    pub fn at(base: u64) -> Rings {
+        Rings {
+            desc: base,
+            avail: base + 0x400,
+            used: base + 0x800,
+        }
+    }
+
+    /// The used ring's bytes: the device may write these.
+    pub fn used_range(&self) -> (u64, u64) {
+        (self.used, self.used + 6 + 8 * u64::from(QUEUE_SIZE))
+    }
+
+    pub fn queue(&self) -> Queue {
+        let mut q = Queue::new(QUEUE_SIZE).expect("queue");
+        q.set_size(QUEUE_SIZE);
+        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+        let (lo, hi) = split(self.desc);
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(self.avail);
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(self.used);
+        q.set_used_ring_address(lo, hi);
+        q.set_ready(true);
+        q
+    }
+
+    pub fn active(&self, index: u16) -> ActiveQueue {
+        ActiveQueue {
+            index,
+            queue: self.queue(),
+            notify: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        }
+    }
+
+    /// Descriptors and avail entries from `input`: mostly well-formed
+    /// (addresses in the data area, `next` in the table), sometimes not.
+    /// Returns the number of chains offered.
+    pub fn fill(&self, mem: &GuestMemoryMmap, input: &mut Input, max_len: u32) -> u16 {
+        for i in 0..u64::from(QUEUE_SIZE) {
+            let shape = input.u8();
+            let addr = if shape & 0x80 != 0 {
+                input.u64()
+            } else {
+                DATA_START + (u64::from(input.u16()) * 16) % (MEM_SIZE - DATA_START)
+            };
+            let len = if shape & 0x40 != 0 {
+                input.u32()
+            } else {
+                u32::from(input.u16()) % max_len.max(1)
+            };
+            let flags = if shape & 0x20 != 0 {
+                input.u16()
+            } else {
+                u16::from(shape & 7)
+            };
+            let next = if shape & 0x10 != 0 {
+                input.u16()
+            } else {
+                u16::from(input.u8()) % QUEUE_SIZE
+            };
+            let at = GuestAddress(self.desc + 16 * i);
+            mem.write_obj(addr, at).unwrap();
+            mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
+        }
+        let chains = u16::from(input.u8() % (QUEUE_SIZE as u8 + 1));
+        for i in 0..u64::from(QUEUE_SIZE) {
+            let head = u16::from(input.u8()) % (QUEUE_SIZE + 2);
+            mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * i)).unwrap();
+        }
+        mem.write_obj(0u16, GuestAddress(self.avail)).unwrap();
+        mem.write_obj(chains, GuestAddress(self.avail + 2)).unwrap();
+        chains
+    }
+
+    /// The writable bytes of the chain at `head`, as the spec has the
+    /// driver lay it out; `None` if the chain is malformed. `ranges` gets
+    /// every writable buffer.
+    pub fn writable(&self, mem: &GuestMemoryMmap, head: u16, ranges: &mut Vec<(u64, u64)>) -> Option<u64> {
+        self.walk(mem, head, ranges).map(|(total, _)| total)
+    }
+
+    /// As `writable`, with the address of the chain's last writable byte.
+    pub fn walk(&self, mem: &GuestMemoryMmap, head: u16, ranges: &mut Vec<(u64, u64)>) -> Option<(u64, Option<u64>)> {
+        let desc = |table: u64, i: u64| -> Option<(u64, u32, u16, u16)> {
+            let at = table.checked_add(16 * i)?;
+            Some((
+                mem.read_obj(GuestAddress(at)).ok()?,
+                mem.read_obj(GuestAddress(at + 8)).ok()?,
+                mem.read_obj(GuestAddress(at + 12)).ok()?,
+                mem.read_obj(GuestAddress(at + 14)).ok()?,
+            ))
+        };
+        let mut total = 0u64;
+        let mut table = self.desc;
+        let mut entries = u64::from(QUEUE_SIZE);
+        let mut i = u64::from(head);
+        let mut steps = 0;
+        let mut seen = BTreeSet::new();
+        let mut last = None;
+        loop {
+            if i >= entries || steps > 2 * usize::from(QUEUE_SIZE) + 1024 {
+                return None;
+            }
+            steps += 1;
+            let (addr, len, flags, next) = desc(table, i)?;
+            if flags & F_INDIRECT != 0 && table == self.desc {
+                if !seen.insert(i) {
+                    return None;
+                }
+                table = addr;
+                entries = u64::from(len / 16);
+                i = 0;
+                continue;
+            }
+            if flags & F_WRITE != 0 {
+                ranges.push((addr, addr.saturating_add(u64::from(len))));
+                total += u64::from(len);
+                if len > 0 {
+                    last = addr.checked_add(u64::from(len) - 1);
+                }
+            }
+            if flags & F_NEXT == 0 {
+                return Some((total, last));
+            }
+            i = u64::from(next);
+        }
+    }
+
+    /// The used entries the device wrote since `from`: (id, len).
+    pub fn used(&self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        (0..u64::from(idx.min(QUEUE_SIZE)))
+            .map(|i| {
+                let at = self.used + 4 + 8 * i;
+                (
+                    mem.read_obj(GuestAddress(at)).unwrap(),
+                    mem.read_obj(GuestAddress(at + 4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Fills `[DATA_START, MEM_SIZE)` with `pattern` repeated (or zeros).
+pub fn fill_data(mem: &GuestMemoryMmap, pattern: &[u8]) {
+    let mut buf = vec![0u8; (MEM_SIZE - DATA_START) as usize];
+    if !pattern.is_empty() {
+        for chunk in buf.chunks_mut(pattern.len()) {
+            chunk.copy_from_slice(&pattern[..chunk.len()]);
+        }
+    }
+    mem.write_slice(&buf, GuestAddress(DATA_START)).unwrap();
+}
+
+pub fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
+    let mut v = vec![0u8; MEM_SIZE as usize];
+    mem.read_slice(&mut v, GuestAddress(0)).unwrap();
+    v
+}
+
+/// Every byte that changed between `before` and now lies in `allowed`.
+pub fn assert_writes_within(mem: &GuestMemoryMmap, before: &[u8], allowed: &[(u64, u64)]) {
+    let after = snapshot(mem);
+    for (c, (x, y)) in before.chunks(256).zip(after.chunks(256)).enumerate() {
+        if x == y {
+            continue;
+        }
+        for (i, _) in x.iter().zip(y).enumerate().filter(|(_, (a, b))| a != b) {
+            let at = (c * 256 + i) as u64;
+            assert!(
+                allowed.iter().any(|&(s, e)| s <= at && at < e),
+                "the device wrote {at:#x}, outside every writable buffer and the used ring"
+            );
+        }
+    }
+}
+
+/// Counts interrupts; never fails.
+#[derive(Default)]
+pub struct Irq(pub AtomicUsize);
+
+impl VirtioInterrupt for Irq {
+    fn trigger(&self, _cause: InterruptCause) -> std::io::Result<()> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// What the driver offered on one queue, read before the device runs (a
+/// device write into a descriptor table must not change the judgement).
+pub struct Offer {
+    /// Writable buffers of every offered chain, and the used ring.
+    pub allowed: Vec<(u64, u64)>,
+    /// Each offered head and its writable bytes (`None`: malformed).
+    pub heads: Vec<(u16, Option<u64>)>,
+    /// Each offered head's last writable byte, where a status goes.
+    pub last: Vec<Option<u64>>,
+}
+
+impl Offer {
+    pub fn read(mem: &GuestMemoryMmap, rings: &Rings, offered: u16) -> Offer {
+        let mut allowed = vec![rings.used_range()];
+        let mut heads = Vec::new();
+        let mut last = Vec::new();
+        for i in 0..u64::from(offered) {
+            let at = GuestAddress(rings.avail + 4 + 2 * (i % u64::from(QUEUE_SIZE)));
+            let head: u16 = mem.read_obj(at).unwrap();
+            let walk = rings.walk(mem, head, &mut allowed);
+            heads.push((head, walk.map(|w| w.0)));
+            last.push(walk.and_then(|w| w.1));
+        }
+        Offer { allowed, heads, last }
+    }
+
+    /// Each used entry names an offered head, with a length no larger
+    /// than that chain's writable bytes. Returns the used entries.
+    pub fn check_used(&self, mem: &GuestMemoryMmap, rings: &Rings) -> Vec<(u32, u32)> {
+        let used = rings.used(mem);
+        assert!(used.len() <= self.heads.len(), "more used entries than chains offered");
+        for &(id, len) in &used {
+            let Some(&(_, writable)) = self.heads.iter().find(|(h, _)| u32::from(*h) == id) else {
+                panic!("used id {id} was never offered");
+            };
+            if let Some(w) = writable {
+                assert!(
+                    u64::from(len) <= w,
+                    "used length {len} > {w} writable bytes (chain {id})"
+                );
+            }
+        }
+        used
+    }
+
+    /// The last writable byte of the chain with head `id`, if well-formed.
+    pub fn status_at(&self, id: u32) -> Option<u64> {
+        let i = self.heads.iter().position(|(h, _)| u32::from(*h) == id)?;
+        self.last[i]
+    }
+}
+
+/// Host protection that changes nothing: fuzzing checks the bits only.
+pub struct NoHost;
+
+impl veil_devices::dma::HostProtection for NoHost {
+    fn set_accessible(&self, _gpa: u64, _len: u64, _accessible: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Activations seen: (queues, acked features); `None` after a reset.
+pub type Log = Arc<Mutex<Vec<Option<(Vec<u16>, u64)>>>>;
+
+/// A device behind a transport target: records its activations, has a
+/// 16-byte writable config space and two queues.
+pub struct Stub {
+    log: Log,
+    config: [u8; 16],
+}
+
+impl Stub {
+    pub fn new(log: Log) -> Stub {
+        Stub { log, config: [0; 16] }
+    }
+}
+
+impl VirtioDevice for Stub {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn name(&self) -> &str {
+        "stub0"
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 8]
+    }
+    fn device_features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC | 1
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| self.config.get(o as usize))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+        let Some(end) = (offset as usize).checked_add(data.len()) else {
+            return false;
+        };
+        match self.config.get_mut(offset as usize..end) {
+            Some(dst) => {
+                dst.copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        // Activation comes with DRIVER_OK after FEATURES_OK only.
+        let offered = self.device_features() | features::ACCESS_PLATFORM;
+        assert_eq!(a.acked_features & !offered, 0, "acked features never offered");
+        assert!(a.acked_features & features::VERSION_1 != 0);
+        let queues: Vec<u16> = a.queues.iter().map(|q| q.index).collect();
+        assert!(queues.iter().all(|&i| i < 2));
+        self.log.lock().unwrap().push(Some((queues, a.acked_features)));
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.log.lock().unwrap().push(None);
+    }
+}
+
+/// Activations and resets alternate: never two activations in a row.
+pub fn check_activations(log: &Log) {
+    let mut active = false;
+    for e in log.lock().unwrap().iter() {
+        match e {
+            Some(_) => {
+                assert!(!active, "activated twice without a reset");
+                active = true;
+            }
+            None => active = false,
+        }
+    }
+}
