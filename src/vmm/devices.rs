@@ -75,6 +75,8 @@ pub struct DeviceManager {
     pub viot: Option<Viot>,
     host_view: GuestMemoryMmap,
     shared: Arc<SharedPages>,
+    /// Writable disk images, by device name, for `sync_disks`.
+    pub writable_disks: Vec<(String, std::fs::File)>,
 }
 
 fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -96,6 +98,17 @@ impl DeviceManager {
             attached: Vec::new(),
             acpi_mmio: Vec::new(),
             cmdline_mmio: Vec::new(),
+            writable_disks: Vec::new(),
+        }
+    }
+
+    /// fdatasync of every writable disk image; a failure is logged.
+    pub fn sync_disks(&self) {
+        for (name, file) in &self.writable_disks {
+            match file.sync_data() {
+                Ok(()) => log::info!("{name}: disk image synced"),
+                Err(e) => log::error!("{name}: cannot sync the disk image: {e}"),
+            }
         }
     }
 
@@ -426,7 +439,14 @@ pub fn attach_configured(
             .file_name()
             .map(|n| n.to_string_lossy().chars().filter(char::is_ascii).take(20).collect())
             .unwrap_or_default();
-        let block = Block::new(name, open_disk(disk)?, disk.readonly, id)
+        let file = open_disk(disk)?;
+        if !disk.readonly {
+            let dup = file.try_clone().map_err(|e| {
+                Error::new(Kind::Unavailable, format!("disk image {}: {e}", disk.path.display()))
+            })?;
+            dm.writable_disks.push((name.clone(), dup));
+        }
+        let block = Block::new(name, file, disk.readonly, id)
             .map_err(|e| Error::new(Kind::Data, format!("disk image {}: {e}", disk.path.display())))?;
         devices.push((Box::new(block), &disk.common));
     }

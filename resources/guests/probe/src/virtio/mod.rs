@@ -18,6 +18,7 @@ mod bench;
 mod blk;
 mod console;
 mod discover;
+mod durability;
 pub mod faults;
 pub mod iommu;
 mod mark;
@@ -502,6 +503,16 @@ pub fn bench(info: &BootInfo) -> bool {
         return false;
     };
     bench::run(devs, &settings(info))
+}
+
+/// Mode `durability`: numbered blocks in batches, each batch flushed
+/// (durability.rs), on the first block device.
+pub fn durability(info: &BootInfo) -> bool {
+    let acpi = acpi::parse(info);
+    let Some((devs, _)) = devices(info, &acpi) else {
+        return false;
+    };
+    durability::run(devs, &settings(info))
 }
 
 /// Short names of virtio-drivers' errors, for `reason=`.
