@@ -14,6 +14,8 @@ fi
 cargo fmt --all --check
 cargo clippy --all-targets -- -D warnings
 cargo test --release --workspace -- --test-threads=2 --skip linux
+# The EIO case needs veil built with its failing disk backend.
+cargo test --release --features fault-injection --test faults -- eio
 # The Linux boots (every test with "linux" in its name) last, one at a time
 # (each emulated CPL0 guest needs a core of its own here) and uncaptured,
 # so the log shows each boot's time.

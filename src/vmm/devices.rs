@@ -416,6 +416,32 @@ fn open_disk(disk: &DiskConfig) -> Result<std::fs::File> {
         })
 }
 
+/// The disk image as the block device's backend.
+#[cfg(not(feature = "fault-injection"))]
+fn disk_backend(file: std::fs::File) -> Result<Arc<dyn veil_devices::virtio::block::backend::DiskBackend>> {
+    Ok(Arc::new(file))
+}
+
+/// The disk image, failing the sectors `VEIL_INJECT_EIO=<first>+<count>`
+/// names with EIO (test builds only).
+#[cfg(feature = "fault-injection")]
+fn disk_backend(file: std::fs::File) -> Result<Arc<dyn veil_devices::virtio::block::backend::DiskBackend>> {
+    use veil_devices::virtio::block::backend::FailingRange;
+    let Ok(spec) = std::env::var("VEIL_INJECT_EIO") else {
+        return Ok(Arc::new(file));
+    };
+    let bad = || Error::new(Kind::Usage, format!("VEIL_INJECT_EIO={spec}: want <first sector>+<sectors>"));
+    let (first, count) = spec.split_once('+').ok_or_else(bad)?;
+    let first: u64 = first.parse().map_err(|_| bad())?;
+    let count: u64 = count.parse().map_err(|_| bad())?;
+    log::warn!("fault injection: sectors {first}..{} fail with EIO", first + count);
+    Ok(Arc::new(FailingRange {
+        inner: Arc::new(file),
+        start: first * 512,
+        end: (first + count) * 512,
+    }))
+}
+
 fn describe_endpoint(dma: &DeviceDma) -> String {
     match &dma.endpoint {
         Some((id, _)) => format!(", vIOMMU endpoint {id:#x}"),
@@ -446,7 +472,7 @@ pub fn attach_configured(
             })?;
             dm.writable_disks.push((name.clone(), dup));
         }
-        let block = Block::new(name, file, disk.readonly, id)
+        let block = Block::with_backend(name, disk_backend(file)?, disk.readonly, id)
             .map_err(|e| Error::new(Kind::Data, format!("disk image {}: {e}", disk.path.display())))?;
         devices.push((Box::new(block), &disk.common));
     }
