@@ -108,7 +108,9 @@ fn durability_cmd(disk: &Path, blocks: usize, batch: usize, extra: &[&str]) -> C
     cmd.args(["run", "--memory", "64M", "--timeout", "60", "--disk"])
         .arg(format!("path={}", disk.display()))
         .arg("--cmdline")
-        .arg(format!("probe.mode=durability probe.blocks={blocks} probe.batch={batch}"))
+        .arg(format!(
+            "probe.mode=durability probe.blocks={blocks} probe.batch={batch}"
+        ))
         .args(extra);
     cmd
 }
@@ -221,7 +223,10 @@ impl TmpfsMount {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            assert!(std::env::var_os("CI").is_none(), "CI runs as root and must mount a tmpfs");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root and must mount a tmpfs"
+            );
             eprintln!("SKIPPED: cannot mount a tmpfs (not root?)");
             return None;
         }
@@ -248,11 +253,20 @@ fn a_full_file_system_fails_writes_with_ioerr_and_keeps_the_rest() {
     };
     const BLOCKS: usize = 1024;
     let disk = mnt.0.join("disk.img");
-    std::fs::File::create(&disk).unwrap().set_len((BLOCKS * BLOCK) as u64).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len((BLOCKS * BLOCK) as u64)
+        .unwrap();
     let metrics = scratch("enospc.json");
     let m = metrics.display().to_string();
     let out = run_command(&mut durability_cmd(&disk, 512, 8, &["--metrics", &m]), LIMIT);
-    assert_eq!(out.code, Some(1), "the guest saw errors: status 1\n{}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "the guest saw errors: status 1\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
     let failed: Vec<usize> = out
         .stdout
         .lines()
@@ -277,7 +291,10 @@ fn a_full_file_system_fails_writes_with_ioerr_and_keeps_the_rest() {
         .filter(|&b| !block_ok(&image, b))
         .collect();
     assert!(lost.is_empty(), "acknowledged blocks not in the image: {lost:?}");
-    eprintln!("ENOSPC: {} of 512 writes failed with IOERR, the rest intact", failed.len());
+    eprintln!(
+        "ENOSPC: {} of 512 writes failed with IOERR, the rest intact",
+        failed.len()
+    );
 }
 
 /// Sectors that fail with EIO (the `fault-injection` build's failing
@@ -307,7 +324,11 @@ fn eio_from_the_backing_store_fails_only_those_requests() {
         .map(|l| number_after(l, "block=").unwrap())
         .collect();
     assert_eq!(failed, [8, 9], "{}", out.stdout);
-    assert!(out.stdout.contains("ok=62 write_errors=2 flush_errors=0"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("ok=62 write_errors=2 flush_errors=0"),
+        "{}",
+        out.stdout
+    );
     assert_eq!(out.stderr.matches("I/O error on the disk").count(), 1, "{}", out.stderr);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
     assert_eq!(json["devices"]["blk0"]["counters"]["io_errors"], 2, "{json}");
@@ -315,4 +336,71 @@ fn eio_from_the_backing_store_fails_only_those_requests() {
     for b in 0..64 {
         assert_eq!(block_ok(&image, b), !failed.contains(&b), "block {b}");
     }
+}
+
+/// CPU time (ns) so far of the thread of `pid` named `name`.
+fn thread_cpu_ns(pid: u32, name: &str) -> Option<u64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            return stat.split_whitespace().next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// The TAP is deleted (`ip link del`) while the guest transmits: veil
+/// logs it and stops reading it, every transmission still completes (the
+/// frames dropped and counted), the device's thread does not spin on the
+/// dead fd, and the guest shuts the VM down as usual.
+#[test]
+#[ignore = "unfinished: the EPOLLERR log line is not always seen (the rx path may not run after the delete); see the report"]
+fn a_tap_removed_while_in_use_drops_frames_and_nothing_hangs() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = TapNamespace::create("faults") else {
+        return;
+    };
+    let metrics = scratch("tap-removed.json");
+    let mut cmd = ns.veil();
+    cmd.args(["run", "--memory", "64M", "--timeout", "60", "--log-level", "info"])
+        .args(["--net", "tap=vtap0", "--metrics"])
+        .arg(&metrics)
+        .args([
+            "--cmdline",
+            "probe.mode=netflood probe.net_frames=20000 probe.idle_ms=1500",
+        ]);
+    let mut veil = Watched::spawn(&mut cmd, LIMIT);
+    assert!(veil.until(|l| l == "PROBE netflood sent=2000").is_some());
+    let del = Command::new("ip")
+        .args(["-n", &ns.name, "link", "del", "vtap0"])
+        .status()
+        .unwrap();
+    assert!(del.success());
+    assert!(veil.until(|l| l == "PROBE netflood sent=20000").is_some());
+    // The guest idles now: a worker spinning on EPOLLERR would burn the
+    // whole interval.
+    let pid = veil.child.id();
+    // `ip netns exec` runs veil in its own process: find it by its parent.
+    let veil_pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(pid);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = thread_cpu_ns(veil_pid, "net0").expect("no net0 thread");
+    std::thread::sleep(Duration::from_millis(800));
+    let after = thread_cpu_ns(veil_pid, "net0").expect("no net0 thread");
+    let spent = Duration::from_nanos(after - before);
+    let (code, err) = veil.finish();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(spent < Duration::from_millis(80), "net0 used {spent:?} of 800 ms idle");
+    assert!(err.contains("net: backend hung up or failed"), "{err}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let c = &json["devices"]["net0"]["counters"];
+    let (dropped, requests) = (c["io_errors"].as_u64().unwrap(), c["requests"].as_u64().unwrap());
+    assert!(dropped > 0, "{c}");
+    assert!(dropped + requests >= 20000, "{c}");
+    eprintln!("TAP removed: {dropped} frames dropped, net0 used {spent:?} in 800 ms idle");
 }

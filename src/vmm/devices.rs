@@ -430,7 +430,12 @@ fn disk_backend(file: std::fs::File) -> Result<Arc<dyn veil_devices::virtio::blo
     let Ok(spec) = std::env::var("VEIL_INJECT_EIO") else {
         return Ok(Arc::new(file));
     };
-    let bad = || Error::new(Kind::Usage, format!("VEIL_INJECT_EIO={spec}: want <first sector>+<sectors>"));
+    let bad = || {
+        Error::new(
+            Kind::Usage,
+            format!("VEIL_INJECT_EIO={spec}: want <first sector>+<sectors>"),
+        )
+    };
     let (first, count) = spec.split_once('+').ok_or_else(bad)?;
     let first: u64 = first.parse().map_err(|_| bad())?;
     let count: u64 = count.parse().map_err(|_| bad())?;
@@ -467,9 +472,9 @@ pub fn attach_configured(
             .unwrap_or_default();
         let file = open_disk(disk)?;
         if !disk.readonly {
-            let dup = file.try_clone().map_err(|e| {
-                Error::new(Kind::Unavailable, format!("disk image {}: {e}", disk.path.display()))
-            })?;
+            let dup = file
+                .try_clone()
+                .map_err(|e| Error::new(Kind::Unavailable, format!("disk image {}: {e}", disk.path.display())))?;
             dm.writable_disks.push((name.clone(), dup));
         }
         let block = Block::with_backend(name, disk_backend(file)?, disk.readonly, id)

@@ -652,7 +652,11 @@ fn wait_for_stop(
         }
         let signal = terminated.load(Ordering::Acquire);
         if signal != 0 {
-            let name = if signal == signal_hook::consts::SIGINT { "SIGINT" } else { "SIGTERM" };
+            let name = if signal == signal_hook::consts::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
             log::warn!("got {name}: stopping the VM");
             return Err(Error::new(Kind::Terminated(signal), format!("stopped by {name}")));
         }

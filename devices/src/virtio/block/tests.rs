@@ -910,7 +910,10 @@ fn bad_sectors_fail_only_their_requests() {
     }
     let data = disk.data.lock().unwrap();
     assert!(data[512..1024].iter().all(|&b| b == 7));
-    assert!(data[1024..1536].iter().all(|&b| b == 0), "the bad sector was not written");
+    assert!(
+        data[1024..1536].iter().all(|&b| b == 0),
+        "the bad sector was not written"
+    );
     assert!(data[1536..2048].iter().all(|&b| b == 7));
 }
 

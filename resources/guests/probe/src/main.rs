@@ -54,6 +54,7 @@ const MODES: &[(&str, Workload)] = &[
     ("hostile", hostile::run),
     ("bench", virtio::bench),
     ("durability", virtio::durability),
+    ("netflood", virtio::netflood),
     ("iommu_fault", virtio::faults::run),
     ("ultracall", ultracall_checks::run),
     ("secure", virtio::secure_checks::run),
