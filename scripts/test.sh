@@ -14,6 +14,8 @@ fi
 cargo fmt --all --check
 cargo clippy --all-targets -- -D warnings
 cargo test --release --workspace -- --test-threads=2 --skip linux
+# The EIO case needs veil built with its failing disk backend.
+cargo test --release --features fault-injection --test faults -- eio
 # The fuzz smoke run (docs/security.md, "Fuzzing"): every target for
 # VEIL_FUZZ_SECONDS seconds (60) on the nightly toolchain. CI must have it;
 # elsewhere a machine without nightly skips it and says so.

@@ -24,6 +24,9 @@ pub enum Kind {
     Software,
     /// The guest did not finish within `--timeout`.
     Timeout,
+    /// veil got this signal (SIGTERM, SIGINT) and stopped the VM, its
+    /// disks flushed.
+    Terminated(i32),
 }
 
 impl Kind {
@@ -35,6 +38,7 @@ impl Kind {
             Kind::Unavailable => 69,
             Kind::Software => 70,
             Kind::Timeout => 124,
+            Kind::Terminated(signal) => 128 + signal,
         }
     }
 }

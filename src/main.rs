@@ -69,7 +69,13 @@ fn run(args: RunArgs) -> ExitCode {
             log::info!("guest stopped: {reason:?}");
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(e) => {
+            if let Kind::Terminated(signal) = e.kind {
+                eprintln!("veil: {e}: vCPUs stopped, disks synced");
+                return ExitCode::from((128 + signal) as u8);
+            }
+            fail(&e)
+        }
     }
 }
 

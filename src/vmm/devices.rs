@@ -75,6 +75,8 @@ pub struct DeviceManager {
     pub viot: Option<Viot>,
     host_view: GuestMemoryMmap,
     shared: Arc<SharedPages>,
+    /// Writable disk images, by device name, for `sync_disks`.
+    pub writable_disks: Vec<(String, std::fs::File)>,
 }
 
 fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
@@ -96,6 +98,17 @@ impl DeviceManager {
             attached: Vec::new(),
             acpi_mmio: Vec::new(),
             cmdline_mmio: Vec::new(),
+            writable_disks: Vec::new(),
+        }
+    }
+
+    /// fdatasync of every writable disk image; a failure is logged.
+    pub fn sync_disks(&self) {
+        for (name, file) in &self.writable_disks {
+            match file.sync_data() {
+                Ok(()) => log::info!("{name}: disk image synced"),
+                Err(e) => log::error!("{name}: cannot sync the disk image: {e}"),
+            }
         }
     }
 
@@ -403,6 +416,37 @@ fn open_disk(disk: &DiskConfig) -> Result<std::fs::File> {
         })
 }
 
+/// The disk image as the block device's backend.
+#[cfg(not(feature = "fault-injection"))]
+fn disk_backend(file: std::fs::File) -> Result<Arc<dyn veil_devices::virtio::block::backend::DiskBackend>> {
+    Ok(Arc::new(file))
+}
+
+/// The disk image, failing the sectors `VEIL_INJECT_EIO=<first>+<count>`
+/// names with EIO (test builds only).
+#[cfg(feature = "fault-injection")]
+fn disk_backend(file: std::fs::File) -> Result<Arc<dyn veil_devices::virtio::block::backend::DiskBackend>> {
+    use veil_devices::virtio::block::backend::FailingRange;
+    let Ok(spec) = std::env::var("VEIL_INJECT_EIO") else {
+        return Ok(Arc::new(file));
+    };
+    let bad = || {
+        Error::new(
+            Kind::Usage,
+            format!("VEIL_INJECT_EIO={spec}: want <first sector>+<sectors>"),
+        )
+    };
+    let (first, count) = spec.split_once('+').ok_or_else(bad)?;
+    let first: u64 = first.parse().map_err(|_| bad())?;
+    let count: u64 = count.parse().map_err(|_| bad())?;
+    log::warn!("fault injection: sectors {first}..{} fail with EIO", first + count);
+    Ok(Arc::new(FailingRange {
+        inner: Arc::new(file),
+        start: first * 512,
+        end: (first + count) * 512,
+    }))
+}
+
 fn describe_endpoint(dma: &DeviceDma) -> String {
     match &dma.endpoint {
         Some((id, _)) => format!(", vIOMMU endpoint {id:#x}"),
@@ -426,7 +470,14 @@ pub fn attach_configured(
             .file_name()
             .map(|n| n.to_string_lossy().chars().filter(char::is_ascii).take(20).collect())
             .unwrap_or_default();
-        let block = Block::new(name, open_disk(disk)?, disk.readonly, id)
+        let file = open_disk(disk)?;
+        if !disk.readonly {
+            let dup = file
+                .try_clone()
+                .map_err(|e| Error::new(Kind::Unavailable, format!("disk image {}: {e}", disk.path.display())))?;
+            dm.writable_disks.push((name.clone(), dup));
+        }
+        let block = Block::with_backend(name, disk_backend(file)?, disk.readonly, id)
             .map_err(|e| Error::new(Kind::Data, format!("disk image {}: {e}", disk.path.display())))?;
         devices.push((Box::new(block), &disk.common));
     }

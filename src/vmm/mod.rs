@@ -482,6 +482,9 @@ impl Vm {
             (Ok(StopReason::Failed), None) => Err(Error::new(Kind::Software, "the VM failed")),
             (r, _) => r,
         };
+        // Whatever ended the run, what the guest wrote reaches the disks
+        // before veil reports and exits.
+        reporter.device_manager.sync_disks();
         let report = reporter.snapshot(&result);
         reporter.write(&report);
         // vCPU threads that never came back may still use guest memory:
@@ -624,6 +627,36 @@ impl MutEventSubscriber for StopWatcher {
     }
 }
 
+/// Records that veil got SIGTERM or SIGINT, for the main loop to stop the VM.
+struct TermOnSignal {
+    signals: std::os::unix::net::UnixStream,
+    signal: i32,
+    got: Arc<std::sync::atomic::AtomicI32>,
+}
+
+impl MutEventSubscriber for TermOnSignal {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut buf = [0u8; 16];
+        let _ = std::io::Read::read(&mut self.signals, &mut buf);
+        self.got.store(self.signal, Ordering::Release);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.signals, vmm_sys_util::epoll::EventSet::IN)) {
+            log::warn!("cannot watch signal {}: {e:?}", self.signal);
+        }
+    }
+}
+
+/// A non-blocking socket that becomes readable when `signal` arrives.
+fn signal_pipe(signal: i32) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let (rx, tx) = std::os::unix::net::UnixStream::pair()?;
+    rx.set_nonblocking(true)?;
+    tx.set_nonblocking(true)?;
+    signal_hook::low_level::pipe::register(signal, tx)?;
+    Ok(rx)
+}
+
 /// The main thread's loop: device events (host stdin) until the VM stops
 /// or the timeout passes.
 fn wait_for_stop(
@@ -637,6 +670,19 @@ fn wait_for_stop(
     let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
         .map_err(|e| Error::new(Kind::Unavailable, format!("cannot create the event loop: {e:?}")))?;
     manager.add_subscriber(Box::new(StopWatcher { stop: stop.clone() }));
+    let terminated = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        match signal_pipe(signal) {
+            Ok(signals) => {
+                manager.add_subscriber(Box::new(TermOnSignal {
+                    signals,
+                    signal,
+                    got: terminated.clone(),
+                }));
+            }
+            Err(e) => log::warn!("signal {signal} will not stop the VM cleanly: {e}"),
+        }
+    }
     if reporter.path.is_some() {
         let pair = std::os::unix::net::UnixStream::pair().and_then(|(rx, tx)| {
             rx.set_nonblocking(true)?;
@@ -660,6 +706,16 @@ fn wait_for_stop(
     loop {
         if let Some(reason) = stop.reason() {
             return Ok(reason);
+        }
+        let signal = terminated.load(Ordering::Acquire);
+        if signal != 0 {
+            let name = if signal == signal_hook::consts::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            log::warn!("got {name}: stopping the VM");
+            return Err(Error::new(Kind::Terminated(signal), format!("stopped by {name}")));
         }
         let wait_ms = match deadline {
             Some(d) => {

@@ -85,3 +85,50 @@ impl DiskBackend for File {
         fallocate_or_write(self, FallocateMode::ZeroRange, offset, len)
     }
 }
+
+/// A backend that fails every read and write touching the byte range
+/// `[start, end)` with EIO and passes everything else to `inner`: a disk
+/// with bad sectors, for fault tests.
+#[cfg(any(test, feature = "fault-injection"))]
+pub struct FailingRange {
+    pub inner: std::sync::Arc<dyn DiskBackend>,
+    pub start: u64,
+    pub end: u64,
+}
+
+#[cfg(any(test, feature = "fault-injection"))]
+impl FailingRange {
+    fn check(&self, offset: u64, len: usize) -> io::Result<()> {
+        let end = offset.saturating_add(len as u64);
+        if offset < self.end && end > self.start {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(any(test, feature = "fault-injection"))]
+impl DiskBackend for FailingRange {
+    fn size(&self) -> io::Result<u64> {
+        self.inner.size()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len())?;
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len())?;
+        self.inner.write_all_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len as usize)?;
+        self.inner.punch_hole(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len as usize)?;
+        self.inner.write_zeroes(offset, len)
+    }
+}

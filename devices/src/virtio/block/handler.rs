@@ -95,7 +95,12 @@ pub struct QueueWorker {
     needs_reset: Arc<AtomicBool>,
     /// Bounce buffer for data, at most `COPY_CHUNK` long.
     scratch: Vec<u8>,
+    /// When a host I/O error was last logged.
+    last_error_log: Option<std::time::Instant>,
 }
+
+/// Host I/O errors are logged at most once per this long.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl QueueWorker {
     #[allow(clippy::too_many_arguments)]
@@ -125,6 +130,7 @@ impl QueueWorker {
             metrics,
             needs_reset,
             scratch: Vec::new(),
+            last_error_log: None,
         }
     }
 
@@ -269,7 +275,7 @@ impl QueueWorker {
         self.complete(head, completion)
     }
 
-    fn count_fault(&self, fault: Fault) -> u8 {
+    fn count_fault(&mut self, fault: Fault) -> u8 {
         let m = &self.metrics;
         match fault {
             Fault::Request(why) => {
@@ -288,8 +294,18 @@ impl QueueWorker {
                 S_IOERR
             }
             Fault::Host(e) => {
-                DeviceMetrics::inc(&m.io_errors);
-                log::warn!("{}: I/O error on the disk: {e}", self.name);
+                let before = m.io_errors.fetch_add(1, Ordering::Relaxed);
+                // The first error, then at most one line per LOG_EVERY:
+                // a failing disk must not flood the log.
+                let now = std::time::Instant::now();
+                if self.last_error_log.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+                    self.last_error_log = Some(now);
+                    log::warn!(
+                        "{}: I/O error on the disk: {e} ({} so far; the guest gets IOERR)",
+                        self.name,
+                        before + 1
+                    );
+                }
                 S_IOERR
             }
             Fault::Unsupported(why) => {

@@ -877,6 +877,46 @@ fn host_io_errors_become_ioerr() {
     }
 }
 
+/// A disk with bad sectors (the fault-injection backend): requests that
+/// touch them get IOERR and count as io_errors; the sectors beside them
+/// still read and write.
+#[test]
+fn bad_sectors_fail_only_their_requests() {
+    let disk = TestDisk::new(8, false);
+    let backend = Arc::new(super::backend::FailingRange {
+        inner: disk.clone(),
+        start: 2 * 512,
+        end: 3 * 512,
+    });
+    let block = Block::with_backend("t".into(), backend, false, String::new()).unwrap();
+    for (kind, sector, want) in [
+        (T_OUT, 1, S_OK),
+        (T_OUT, 2, S_IOERR),
+        (T_IN, 2, S_IOERR),
+        (T_OUT, 3, S_OK),
+        (T_IN, 1, S_OK),
+        (T_FLUSH, 0, S_OK),
+    ] {
+        let (status, _, s) = one(&block, ALL_FEATURES, |d| {
+            let data = match kind {
+                T_IN => d.data_in(512),
+                T_OUT => d.data_out(&[7; 512]),
+                _ => return vec![d.header(kind, 0), d.status()],
+            };
+            vec![d.header(kind, sector), data, d.status()]
+        });
+        assert_eq!(status, want, "type {kind} sector {sector}");
+        assert_eq!(count(&s.metrics.io_errors), u64::from(want == S_IOERR));
+    }
+    let data = disk.data.lock().unwrap();
+    assert!(data[512..1024].iter().all(|&b| b == 7));
+    assert!(
+        data[1024..1536].iter().all(|&b| b == 0),
+        "the bad sector was not written"
+    );
+    assert!(data[1536..2048].iter().all(|&b| b == 7));
+}
+
 #[test]
 fn head_outside_the_table_is_dropped() {
     let f = image(DISK_SECTORS);

@@ -53,6 +53,8 @@ const MODES: &[(&str, Workload)] = &[
     ("fault", fault),
     ("hostile", hostile::run),
     ("bench", virtio::bench),
+    ("durability", virtio::durability),
+    ("netflood", virtio::netflood),
     ("iommu_fault", virtio::faults::run),
     ("ultracall", ultracall_checks::run),
     ("secure", virtio::secure_checks::run),

@@ -18,6 +18,7 @@ mod bench;
 mod blk;
 mod console;
 mod discover;
+mod durability;
 pub mod faults;
 pub mod iommu;
 mod mark;
@@ -502,6 +503,52 @@ pub fn bench(info: &BootInfo) -> bool {
         return false;
     };
     bench::run(devs, &settings(info))
+}
+
+/// Mode `durability`: numbered blocks in batches, each batch flushed
+/// (durability.rs), on the first block device.
+pub fn durability(info: &BootInfo) -> bool {
+    let acpi = acpi::parse(info);
+    let Some((devs, _)) = devices(info, &acpi) else {
+        return false;
+    };
+    durability::run(devs, &settings(info))
+}
+
+/// Mode `netflood`: `probe.net_frames` (default 20000) frames out of the
+/// first net device, progress every 500, then `probe.idle_ms` (default
+/// 0) of doing nothing; for the TAP-removal test.
+pub fn netflood(info: &BootInfo) -> bool {
+    let acpi = acpi::parse(info);
+    let Some((devs, _)) = devices(info, &acpi) else {
+        return false;
+    };
+    let s = settings(info);
+    let Some(dev) = devs.into_iter().find(|d| d.name.kind == "net") else {
+        Line::new("netflood").word("error=no_net_device").emit();
+        return false;
+    };
+    let mut rig = match net::Rig::new(dev.transport) {
+        Ok(r) => r,
+        Err(e) => return init_failed(dev.name, &e),
+    };
+    let result = rig.flood(s.num("probe.net_frames", 20_000), 500);
+    let hz = crate::time::tsc_hz().unwrap_or(2_000_000_000);
+    let until = crate::time::rdtsc() + s.num("probe.idle_ms", 0) * hz / 1000;
+    while crate::time::rdtsc() < until {
+        core::hint::spin_loop();
+    }
+    let line = dev.name.tag(Line::new("netflood"));
+    match result {
+        Ok(n) => {
+            line.dec("sent", n).word("result=ok").emit();
+            true
+        }
+        Err(r) => {
+            line.word("result=fail").text("reason", r.as_bytes()).emit();
+            false
+        }
+    }
 }
 
 /// Short names of virtio-drivers' errors, for `reason=`.

@@ -288,6 +288,43 @@ impl Rig {
     }
 }
 
+impl Rig {
+    /// Transmits `count` broadcast ARP requests one after another, each
+    /// waited for (the device completes a transmission even when its host
+    /// side is gone), printing `PROBE netflood sent=<n>` every `every`
+    /// frames. Receives nothing.
+    pub fn flood(&mut self, count: u64, every: u64) -> Result<u64, &'static str> {
+        let hdr = {
+            let mut h = [0u8; 16];
+            self.net.fill_buffer_header(&mut h).map_err(|e| error_name(&e))?
+        };
+        let i = self.tx_free.pop().ok_or("no_tx_buffer")?;
+        let buf = self.tx[i].as_mut_slice();
+        buf[..hdr].fill(0);
+        let n = arp_request(self.mac, [10, 0, 2, 15], [10, 0, 2, 1], &mut buf[hdr..]);
+        let frame = &self.tx[i].as_slice()[..hdr + n];
+        for sent in 1..=count {
+            // SAFETY: the buffer stays put and untouched until
+            // poll_transmit returns its token, waited for just below.
+            let token = unsafe { self.net.transmit_begin(frame) }.map_err(|e| error_name(&e))?;
+            let start = rdtsc();
+            while self.net.poll_transmit() != Some(token) {
+                if rdtsc() - start > TIMEOUT {
+                    return Err("tx_timeout");
+                }
+                spin_loop();
+            }
+            // SAFETY: the buffer given to transmit_begin with this token.
+            unsafe { self.net.transmit_complete(token, frame) }.map_err(|e| error_name(&e))?;
+            if sent % every == 0 {
+                crate::serial::Line::new("netflood").dec("sent", sent).emit();
+            }
+        }
+        self.tx_free.push(i);
+        Ok(count)
+    }
+}
+
 /// `a.b.c.d` as four bytes.
 fn parse_ipv4(text: &[u8]) -> Option<[u8; 4]> {
     let mut out = [0u8; 4];
