@@ -199,8 +199,7 @@ fn argument_rules(kind: ThreadKind) -> Result<Vec<(libc::c_long, Vec<SeccompRule
 }
 
 fn program(kind: ThreadKind) -> Result<BpfProgram, String> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed(kind).into_iter().map(|nr| (nr, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind).into_iter().map(|nr| (nr, Vec::new())).collect();
     for (nr, conditional) in argument_rules(kind)? {
         rules.insert(nr, conditional);
     }

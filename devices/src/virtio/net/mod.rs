@@ -390,8 +390,14 @@ fn transmit(bufs: &Buffers, mem: &DmaMemory, metrics: &DeviceMetrics, frame: &mu
         Ok(true) => DeviceMetrics::inc(&metrics.requests),
         Ok(false) => DeviceMetrics::inc(&metrics.io_errors),
         Err(e) => {
+            // The first host-side failure is news (a TAP deleted under us);
+            // the frames after it are only counted.
+            if metrics.io_errors.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                log::warn!("tx: backend failed, dropping frames (counted in io_errors): {e}");
+            } else {
+                log::debug!("tx: backend: {e}");
+            }
             DeviceMetrics::inc(&metrics.io_errors);
-            log::debug!("tx: backend: {e}");
         }
     }
 }
