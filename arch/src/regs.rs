@@ -50,23 +50,27 @@ pub fn boot_regs(entry: EntryPoint) -> kvm_regs {
     }
 }
 
-/// Puts `sregs` (as read from a fresh vCPU) into long mode with paging on
-/// and the boot GDT loaded.
-pub fn set_long_mode(sregs: &mut kvm_sregs, cr3: u64) {
-    let code = segment_from_descriptor(&BOOT_GDT, 1);
+/// Loads the boot GDT, no IDT, CS from descriptor `code`, flat data in
+/// every data segment and the boot TSS.
+fn load_boot_gdt(sregs: &mut kvm_sregs, code: usize) {
     let data = segment_from_descriptor(&BOOT_GDT, 2);
-    let tss = segment_from_descriptor(&BOOT_GDT, 3);
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cs = code;
+    sregs.cs = segment_from_descriptor(&BOOT_GDT, code);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = tss;
+    sregs.tr = segment_from_descriptor(&BOOT_GDT, 3);
+}
+
+/// Puts `sregs` (as read from a fresh vCPU) into long mode with paging on
+/// and the boot GDT loaded.
+pub fn set_long_mode(sregs: &mut kvm_sregs, cr3: u64) {
+    load_boot_gdt(sregs, 1);
     sregs.cr3 = cr3;
     sregs.cr4 |= CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
     sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG) & !(1 << 2 | 1 << 30 | 1 << 29);
@@ -77,20 +81,7 @@ pub fn set_long_mode(sregs: &mut kvm_sregs, cr3: u64) {
 /// off, flat 32-bit code in CS and flat data everywhere else, the boot GDT
 /// loaded (its 32-bit code descriptor is CS's).
 pub fn set_pvh_mode(sregs: &mut kvm_sregs) {
-    let code = segment_from_descriptor(&BOOT_GDT, 4);
-    let data = segment_from_descriptor(&BOOT_GDT, 2);
-    let tss = segment_from_descriptor(&BOOT_GDT, 3);
-    sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
+    load_boot_gdt(sregs, 4);
     sregs.cr3 = 0;
     sregs.cr4 = 0;
     sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & !(CR0_PG | 1 << 30 | 1 << 29);

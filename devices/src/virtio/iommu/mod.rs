@@ -206,8 +206,9 @@ impl Iommu {
         self.faults.len()
     }
 
-    /// The worker of an activation, served on the caller's thread instead
-    /// of its own: for fuzzing and tests, which drive it step by step.
+    /// The worker of an activation, before it gets a thread: `activate`
+    /// spawns one for it; fuzzing and tests serve it on their own thread,
+    /// step by step.
     #[doc(hidden)]
     pub fn sync_worker(&mut self, activation: Activation) -> Result<SyncWorker, ActivateError> {
         self.reset();
@@ -297,25 +298,7 @@ impl VirtioDevice for Iommu {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let Activation {
-            mem,
-            queues,
-            interrupt,
-            acked_features,
-            metrics,
-        } = activation;
-        let [requests, events] = take_queues(queues, &self.name)?;
-        lock(&self.state).set_acked(acked_features);
-        let handler = IommuWorker::new(
-            mem,
-            requests,
-            events,
-            self.faults.clone(),
-            self.state.clone(),
-            interrupt,
-            metrics,
-        );
+        let SyncWorker(handler) = self.sync_worker(activation)?;
         self.worker = Some(Worker::spawn(&self.name, handler)?);
         Ok(())
     }

@@ -119,8 +119,9 @@ impl Net {
         &self.backend
     }
 
-    /// The worker of an activation, served on the caller's thread instead
-    /// of its own: for fuzzing and tests, which drive it step by step.
+    /// The worker of an activation, before it gets a thread: `activate`
+    /// spawns one for it; fuzzing and tests serve it on their own thread,
+    /// step by step.
     #[doc(hidden)]
     pub fn sync_worker(&mut self, activation: Activation) -> Result<SyncWorker, ActivateError> {
         self.reset();
@@ -167,17 +168,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let Activation {
-            mem,
-            queues,
-            interrupt,
-            metrics,
-            ..
-        } = activation;
-        let [rx, tx] = take_queues(queues, &self.name)?;
-        let backend = self.backend.connect()?;
-        let handler = NetWorker::new(mem, rx, tx, backend, interrupt, metrics);
+        let SyncWorker(handler) = self.sync_worker(activation)?;
         self.worker = Some(Worker::spawn(&self.name, handler)?);
         Ok(())
     }
