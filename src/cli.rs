@@ -198,6 +198,8 @@ pub struct BootBenchArgs {
     pub marker: String,
     #[arg(long, default_value_t = 3)]
     pub linux_runs: u32,
+    #[command(flatten)]
+    pub compare: CompareArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -217,6 +219,8 @@ pub struct DeviceBenchArgs {
     /// Frames per net case.
     #[arg(long, default_value_t = 20000)]
     pub frames: u64,
+    #[command(flatten)]
+    pub compare: CompareArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -242,6 +246,50 @@ pub struct DmaBenchArgs {
     /// Guest RAM sizes at which to measure ESM (none: skip), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
     pub esm_memory: Vec<String>,
+    #[command(flatten)]
+    pub compare: CompareArgs,
+}
+
+/// Asks a single-group benchmark for the harness's output instead of its
+/// own table: the same group run against a peer and/or as JSON and charts
+/// (as `veil bench all --only GROUP`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct CompareArgs {
+    /// Run every case on this peer VMM too (qemu), through the harness of `veil bench all`.
+    #[arg(long, value_name = "PEER")]
+    pub peer: Option<String>,
+    /// The QEMU binary for --peer qemu.
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
+    /// Write the results as JSON to FILE (through the harness).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write SVG charts into DIR (through the harness).
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
+}
+
+impl CompareArgs {
+    /// The harness's arguments for these, or None to print the group's own
+    /// table as before.
+    pub fn harness(&self, runs: u32, mib: u64, qd: u32, frames: u64) -> Option<HarnessArgs> {
+        if self.peer.is_none() && self.json.is_none() && self.plot.is_none() {
+            return None;
+        }
+        Some(HarnessArgs {
+            peer: self.peer.clone(),
+            qemu: self.qemu.clone().unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+            runs,
+            only: Vec::new(),
+            mib,
+            qd,
+            frames,
+            esm_memory: vec!["256M".into()],
+            case_timeout: 300,
+            json: self.json.clone(),
+            plot: self.plot.clone(),
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]

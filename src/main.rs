@@ -103,10 +103,22 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::Bench(b) => match b.what {
-            BenchCommand::Boot(args) => veil::bench::boot(&args),
-            BenchCommand::Blk(args) => veil::bench::device::run(veil::bench::device::Kind::Blk, &args),
-            BenchCommand::Net(args) => veil::bench::device::run(veil::bench::device::Kind::Net, &args),
-            BenchCommand::Dma(args) => veil::bench::dma::run(&args),
+            BenchCommand::Boot(args) => match args.compare.harness(args.runs, 8, 1, 2000) {
+                Some(h) => veil::bench::harness::run(&["boot".to_string()], &h),
+                None => veil::bench::boot(&args),
+            },
+            BenchCommand::Blk(args) => match args.compare.harness(5, args.mib, args.qd, args.frames) {
+                Some(h) => veil::bench::harness::run(&["blk".to_string()], &h),
+                None => veil::bench::device::run(veil::bench::device::Kind::Blk, &args),
+            },
+            BenchCommand::Net(args) => match args.compare.harness(5, args.mib, args.qd, args.frames) {
+                Some(h) => veil::bench::harness::run(&["net".to_string()], &h),
+                None => veil::bench::device::run(veil::bench::device::Kind::Net, &args),
+            },
+            BenchCommand::Dma(args) => match args.compare.harness(5, args.mib, args.qd, args.frames) {
+                Some(h) => veil::bench::harness::run(&["dma".to_string()], &h),
+                None => veil::bench::dma::run(&args),
+            },
             BenchCommand::Secure(args) => veil::bench::harness::run(&["secure".to_string()], &args),
             BenchCommand::All(args) => {
                 let groups = if args.only.is_empty() {

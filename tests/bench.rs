@@ -203,3 +203,23 @@ fn qemu_peer_runs_net_and_cannot_run_ultracalls() {
         .stdout
         .contains("- qemu n/a for secure-bounce-pci: ultracalls (ESM, SHARE, UNSHARE) are veil's own"));
 }
+
+/// `veil bench net --peer qemu` is the harness's net group: both peers, as
+/// `veil bench all --only net` would run it.
+#[test]
+fn a_single_group_command_takes_a_peer_too() {
+    if !common::kvm_available() || !qemu_available() {
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("veil-bench-net-peer-{}.json", std::process::id()));
+    let json_arg = json.display().to_string();
+    let args = ["bench", "net", "--peer", "qemu", "--frames", "32", "--json", &json_arg];
+    let out = common::run_veil(&args, Duration::from_secs(300));
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    let report: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(report.peers, ["veil", "qemu"]);
+    assert!(!report.rows.is_empty());
+    assert!(report.rows.iter().all(|r| r.group == "net"), "only the net group");
+    assert!(report.rows.iter().all(|r| r.results["qemu"].status == Status::Ok));
+}

@@ -97,6 +97,7 @@ pub fn boot(what: &BootBenchArgs) -> ExitCode {
         linux_flags,
         marker,
         linux_runs,
+        ..
     } = what.clone();
     let veil = match super::veil_exe() {
         Ok(p) => p,

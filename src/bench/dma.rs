@@ -137,6 +137,7 @@ pub fn run(args: &DmaBenchArgs) -> ExitCode {
             mib: args.mib,
             qd: args.qd,
             frames: args.frames,
+            compare: Default::default(),
         };
         for transport in &args.transport {
             for (name, flags, params) in SETUPS {
