@@ -38,9 +38,9 @@ u64 = lambda v: struct.pack("<Q", v)
 # Requests 64 bytes apart in a 512-byte pattern; answers at 0x1000 + 64 * i.
 reqs = [
     iommu_req(1, u32(1), u32(0x10), u32(0), u32(0)),  # ATTACH domain 1, endpoint 0x10
-    iommu_req(3, u32(1), u64(0x20000), u64(0x2ffff), u64(0x20000), u32(3)),  # MAP rw
+    iommu_req(3, u32(1), u64(0x18000), u64(0x18fff), u64(0x18000), u32(3)),  # MAP rw
     iommu_req(5, u32(0x10), bytes(64)),  # PROBE
-    iommu_req(4, u32(1), u64(0x20000), u64(0x2ffff), u32(0)),  # UNMAP
+    iommu_req(4, u32(1), u64(0x18000), u64(0x18fff), u32(0)),  # UNMAP
     iommu_req(2, u32(1), u32(0x10), bytes(8)),  # DETACH
     iommu_req(3, u32(1), u64(0xfee00000), u64(0xfee00fff), u64(0), u32(1)),  # MAP over MSI: RANGE
 ]

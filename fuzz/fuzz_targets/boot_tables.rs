@@ -10,6 +10,13 @@ use veil_arch::layout::*;
 use veil_fuzz::Input;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+thread_local! {
+    // One 2 MiB mapping for every input, not one each.
+    static MEM: GuestMemoryMmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+}
+
+static ZEROS: [u8; (ACPI_END - ACPI_START) as usize] = [0; (ACPI_END - ACPI_START) as usize];
+
 fn sum(b: &[u8]) -> u8 {
     b.iter().fold(0u8, |s, &x| s.wrapping_add(x))
 }
@@ -85,7 +92,11 @@ fuzz_target!(|data: &[u8]| {
         pci_ecam,
         viot,
     };
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+    let mem = MEM.with(GuestMemoryMmap::clone);
+    // Only the zero page and the ACPI area are written; clear them as a
+    // fresh mapping would have them.
+    mem.write_slice(&ZEROS[..0x1000], GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+    mem.write_slice(&ZEROS, GuestAddress(ACPI_START)).unwrap();
     match write_acpi_tables(&mem, GuestAddress(ACPI_START), GuestAddress(ACPI_END), &cfg) {
         Err(_) => {
             // Refused: nothing was written.

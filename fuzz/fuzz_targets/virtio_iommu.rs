@@ -51,8 +51,8 @@ fuzz_target!(|data: &[u8]| {
     // panicking, and faults go to the event queue.
     for v in &views {
         let mut b = [0u8; 8];
-        let _ = v.read_slice(&mut b, GuestAddress(0x2_0000));
-        let _ = v.write_slice(&b, GuestAddress(0x2_0000));
+        let _ = v.read_slice(&mut b, GuestAddress(0x1_8000));
+        let _ = v.write_slice(&b, GuestAddress(0x1_8000));
     }
     let events = evt.fill(&mem, &mut Input(&[]), 0x100);
     let offer = Offer::read(&mem, &evt, events);

@@ -2,7 +2,7 @@
 //! laid out in it from fuzz bytes, and an independent walk of the chains
 //! the driver offered, to tell which bytes the device may write.
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use veil_devices::virtio::{
@@ -12,8 +12,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Guest RAM of every target: 256 KiB.
-pub const MEM_SIZE: u64 = 0x4_0000;
+/// Guest RAM of every target: 128 KiB (every input copies and compares
+/// it, so it is kept small).
+pub const MEM_SIZE: u64 = 0x2_0000;
 /// Where buffers go; below it are the rings.
 pub const DATA_START: u64 = 0x1_0000;
 pub const QUEUE_SIZE: u16 = 16;
@@ -53,8 +54,21 @@ impl Input<'_> {
     }
 }
 
+thread_local! {
+    // One mapping serves every input: mapping and faulting in fresh RAM
+    // per input cost more than most inputs' device work.
+    static RAM: GuestMemoryMmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+        .expect("guest RAM");
+    static DATA: RefCell<Vec<u8>> = RefCell::new(vec![0; (MEM_SIZE - DATA_START) as usize]);
+}
+
+static ZEROS: [u8; MEM_SIZE as usize] = [0; MEM_SIZE as usize];
+
+/// The target's guest RAM, all zeros, as a fresh mapping would be.
 pub fn guest() -> GuestMemoryMmap {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest RAM")
+    let mem = RAM.with(GuestMemoryMmap::clone);
+    mem.write_slice(&ZEROS, GuestAddress(0)).unwrap();
+    mem
 }
 
 /// One queue's rings, at `base` (desc), `base + 0x400` (avail),
@@ -128,17 +142,20 @@ impl Rings {
             } else {
                 u16::from(input.u8()) % QUEUE_SIZE
             };
-            let at = GuestAddress(self.desc + 16 * i);
-            mem.write_obj(addr, at).unwrap();
-            mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
-            mem.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..].copy_from_slice(&next.to_le_bytes());
+            mem.write_obj(d, GuestAddress(self.desc + 16 * i)).unwrap();
         }
         let chains = u16::from(input.u8() % (QUEUE_SIZE as u8 + 1));
-        for i in 0..u64::from(QUEUE_SIZE) {
+        let mut ring = [0u8; 2 * QUEUE_SIZE as usize];
+        for slot in ring.chunks_mut(2) {
             let head = u16::from(input.u8()) % (QUEUE_SIZE + 2);
-            mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * i)).unwrap();
+            slot.copy_from_slice(&head.to_le_bytes());
         }
+        mem.write_slice(&ring, GuestAddress(self.avail + 4)).unwrap();
         mem.write_obj(0u16, GuestAddress(self.avail)).unwrap();
         mem.write_obj(chains, GuestAddress(self.avail + 2)).unwrap();
         chains
@@ -152,35 +169,40 @@ impl Rings {
     }
 
     /// As `writable`, with the address of the chain's last writable byte.
+    ///
+    /// A chain is at most as long as its table (the spec's bound, and
+    /// virtio-queue's); an indirect table counts at most 1024 entries here.
     pub fn walk(&self, mem: &GuestMemoryMmap, head: u16, ranges: &mut Vec<(u64, u64)>) -> Option<(u64, Option<u64>)> {
+        // One read per descriptor: this walk is the oracle of every input.
         let desc = |table: u64, i: u64| -> Option<(u64, u32, u16, u16)> {
-            let at = table.checked_add(16 * i)?;
+            let d: [u8; 16] = mem.read_obj(GuestAddress(table.checked_add(16 * i)?)).ok()?;
+            let le16 = |o: usize| u16::from_le_bytes([d[o], d[o + 1]]);
             Some((
-                mem.read_obj(GuestAddress(at)).ok()?,
-                mem.read_obj(GuestAddress(at + 8)).ok()?,
-                mem.read_obj(GuestAddress(at + 12)).ok()?,
-                mem.read_obj(GuestAddress(at + 14)).ok()?,
+                u64::from_le_bytes(d[..8].try_into().unwrap()),
+                u32::from_le_bytes(d[8..12].try_into().unwrap()),
+                le16(12),
+                le16(14),
             ))
         };
         let mut total = 0u64;
         let mut table = self.desc;
         let mut entries = u64::from(QUEUE_SIZE);
+        let mut budget = entries + 1;
         let mut i = u64::from(head);
-        let mut steps = 0;
-        let mut seen = BTreeSet::new();
         let mut last = None;
+        // Once: an indirect table may even be the descriptor table itself.
+        let mut indirect = false;
         loop {
-            if i >= entries || steps > 2 * usize::from(QUEUE_SIZE) + 1024 {
+            if i >= entries || budget == 0 {
                 return None;
             }
-            steps += 1;
+            budget -= 1;
             let (addr, len, flags, next) = desc(table, i)?;
-            if flags & F_INDIRECT != 0 && table == self.desc {
-                if !seen.insert(i) {
-                    return None;
-                }
+            if flags & F_INDIRECT != 0 && !indirect {
+                indirect = true;
                 table = addr;
                 entries = u64::from(len / 16);
+                budget = entries.min(1024) + 1;
                 i = 0;
                 continue;
             }
@@ -215,13 +237,23 @@ impl Rings {
 
 /// Fills `[DATA_START, MEM_SIZE)` with `pattern` repeated (or zeros).
 pub fn fill_data(mem: &GuestMemoryMmap, pattern: &[u8]) {
-    let mut buf = vec![0u8; (MEM_SIZE - DATA_START) as usize];
-    if !pattern.is_empty() {
-        for chunk in buf.chunks_mut(pattern.len()) {
-            chunk.copy_from_slice(&pattern[..chunk.len()]);
+    DATA.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let n = pattern.len().min(buf.len());
+        buf[..n].copy_from_slice(&pattern[..n]);
+        if n == 0 {
+            buf.fill(0);
+        } else {
+            // Doubling copies keep the period: `filled` stays a multiple of `n`.
+            let mut filled = n;
+            while filled < buf.len() {
+                let c = filled.min(buf.len() - filled);
+                buf.copy_within(..c, filled);
+                filled += c;
+            }
         }
-    }
-    mem.write_slice(&buf, GuestAddress(DATA_START)).unwrap();
+        mem.write_slice(&buf, GuestAddress(DATA_START)).unwrap();
+    })
 }
 
 pub fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
@@ -232,13 +264,16 @@ pub fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
 
 /// Every byte that changed between `before` and now lies in `allowed`.
 pub fn assert_writes_within(mem: &GuestMemoryMmap, before: &[u8], allowed: &[(u64, u64)]) {
-    let after = snapshot(mem);
-    for (c, (x, y)) in before.chunks(256).zip(after.chunks(256)).enumerate() {
-        if x == y {
+    let mut now = [0u8; 4096];
+    for (c, was) in before.chunks(now.len()).enumerate() {
+        let base = (c * now.len()) as u64;
+        let now = &mut now[..was.len()];
+        mem.read_slice(now, GuestAddress(base)).unwrap();
+        if was == now {
             continue;
         }
-        for (i, _) in x.iter().zip(y).enumerate().filter(|(_, (a, b))| a != b) {
-            let at = (c * 256 + i) as u64;
+        for (i, _) in was.iter().zip(now.iter()).enumerate().filter(|(_, (a, b))| a != b) {
+            let at = base + i as u64;
             assert!(
                 allowed.iter().any(|&(s, e)| s <= at && at < e),
                 "the device wrote {at:#x}, outside every writable buffer and the used ring"
@@ -274,10 +309,14 @@ impl Offer {
         let mut allowed = vec![rings.used_range()];
         let mut heads = Vec::new();
         let mut last = Vec::new();
+        // A head offered twice is the same chain: walk it once.
+        let mut walked = std::collections::HashMap::new();
         for i in 0..u64::from(offered) {
             let at = GuestAddress(rings.avail + 4 + 2 * (i % u64::from(QUEUE_SIZE)));
             let head: u16 = mem.read_obj(at).unwrap();
-            let walk = rings.walk(mem, head, &mut allowed);
+            let walk = *walked
+                .entry(head)
+                .or_insert_with(|| rings.walk(mem, head, &mut allowed));
             heads.push((head, walk.map(|w| w.0)));
             last.push(walk.and_then(|w| w.1));
         }
