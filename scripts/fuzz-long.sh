@@ -4,7 +4,10 @@
 # the committed seeds plus fuzz/work/<target>. Built without a sanitizer but
 # with debug assertions and overflow checks (-O -a -s none): veil's fuzzed
 # code is safe Rust, so AddressSanitizer would mostly slow it down. A hang
-# longer than 10 s counts as a crash. Logs: fuzz/work/<target>.long.log.
+# longer than 10 s counts as a crash. Inputs are at most 4096 bytes, 256 for
+# ultracall (each input is a sequence of calls and every call re-checks all
+# pages, so long inputs would spend the runs on few sequences).
+# Logs: fuzz/work/<target>.long.log.
 #   scripts/fuzz-long.sh [RUNS] [TARGET...]
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
@@ -17,8 +20,10 @@ bin=target/x86_64-unknown-linux-gnu/release
 for t in $targets; do
     mkdir -p "work/$t"
     log="work/$t.long.log"
+    max_len=4096
+    [ "$t" = ultracall ] && max_len=256
     start=$(date +%s)
-    if ! nice -n 10 "$bin/$t" "work/$t" "corpus/$t" -runs="$runs" -max_len=4096 -timeout=10 \
+    if ! nice -n 10 "$bin/$t" "work/$t" "corpus/$t" -runs="$runs" -max_len="$max_len" -timeout=10 \
         -artifact_prefix="work/$t-" -print_final_stats=1 >"$log" 2>&1; then
         tail -n 40 "$log"
         echo "fuzz-long: $t FAILED (see $log)" >&2

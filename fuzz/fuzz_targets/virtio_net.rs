@@ -35,10 +35,14 @@ fuzz_target!(|data: &[u8]| {
     worker.process_tx();
     // TX writes nothing but its used ring, with length 0.
     assert_writes_within(&mem, &before, &[tx.used_range()]);
-    for (id, len) in tx_offer.check_used(&mem, &tx) {
-        assert_eq!(len, 0, "tx chain {id} used with length {len}");
+    if !tx_offer.rewrites(&tx_offer) {
+        for (id, len) in tx_offer.check_used(&mem, &tx) {
+            assert_eq!(len, 0, "tx chain {id} used with length {len}");
+        }
     }
     worker.process_rx();
-    assert_writes_within(&mem, &before, &allowed);
-    rx_offer.check_used(&mem, &rx);
+    if !rx_offer.rewrites(&rx_offer) && !tx_offer.rewrites(&rx_offer) {
+        assert_writes_within(&mem, &before, &allowed);
+        rx_offer.check_used(&mem, &rx);
+    }
 });

@@ -162,17 +162,19 @@ impl Rings {
     }
 
     /// The writable bytes of the chain at `head`, as the spec has the
-    /// driver lay it out; `None` if the chain is malformed. `ranges` gets
-    /// every writable buffer.
-    pub fn writable(&self, mem: &GuestMemoryMmap, head: u16, ranges: &mut Vec<(u64, u64)>) -> Option<u64> {
-        self.walk(mem, head, ranges).map(|(total, _)| total)
-    }
-
-    /// As `writable`, with the address of the chain's last writable byte.
+    /// driver lay it out, and the address of its last writable byte; `None`
+    /// if the chain is malformed. `ranges` gets every writable buffer,
+    /// `tables` every indirect table the walk read.
     ///
     /// A chain is at most as long as its table (the spec's bound, and
     /// virtio-queue's); an indirect table counts at most 1024 entries here.
-    pub fn walk(&self, mem: &GuestMemoryMmap, head: u16, ranges: &mut Vec<(u64, u64)>) -> Option<(u64, Option<u64>)> {
+    pub fn walk(
+        &self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        ranges: &mut Vec<(u64, u64)>,
+        tables: &mut Vec<(u64, u64)>,
+    ) -> Option<(u64, Option<u64>)> {
         // One read per descriptor: this walk is the oracle of every input.
         let desc = |table: u64, i: u64| -> Option<(u64, u32, u16, u16)> {
             let d: [u8; 16] = mem.read_obj(GuestAddress(table.checked_add(16 * i)?)).ok()?;
@@ -200,6 +202,7 @@ impl Rings {
             let (addr, len, flags, next) = desc(table, i)?;
             if flags & F_INDIRECT != 0 && !indirect {
                 indirect = true;
+                tables.push((addr, addr.saturating_add(u64::from(len))));
                 table = addr;
                 entries = u64::from(len / 16);
                 budget = entries.min(1024) + 1;
@@ -302,11 +305,18 @@ pub struct Offer {
     pub heads: Vec<(u16, Option<u64>)>,
     /// Each offered head's last writable byte, where a status goes.
     pub last: Vec<Option<u64>>,
+    /// What the device reads to find the chains: the descriptor table, the
+    /// available ring and every indirect table.
+    pub tables: Vec<(u64, u64)>,
 }
 
 impl Offer {
     pub fn read(mem: &GuestMemoryMmap, rings: &Rings, offered: u16) -> Offer {
         let mut allowed = vec![rings.used_range()];
+        let mut tables = vec![
+            (rings.desc, rings.desc + 16 * u64::from(QUEUE_SIZE)),
+            (rings.avail, rings.avail + 4 + 2 * u64::from(QUEUE_SIZE)),
+        ];
         let mut heads = Vec::new();
         let mut last = Vec::new();
         // A head offered twice is the same chain: walk it once.
@@ -316,11 +326,28 @@ impl Offer {
             let head: u16 = mem.read_obj(at).unwrap();
             let walk = *walked
                 .entry(head)
-                .or_insert_with(|| rings.walk(mem, head, &mut allowed));
+                .or_insert_with(|| rings.walk(mem, head, &mut allowed, &mut tables));
             heads.push((head, walk.map(|w| w.0)));
             last.push(walk.and_then(|w| w.1));
         }
-        Offer { allowed, heads, last }
+        Offer {
+            allowed,
+            heads,
+            last,
+            tables,
+        }
+    }
+
+    /// Whether the device may legitimately write into what `other`'s
+    /// chains are read from. Then a later chain is whatever the device's
+    /// earlier writes made it, and judging it by what was offered before
+    /// would be wrong (one RX frame landing in the next chain's indirect
+    /// table, say): such inputs are still run, but their writes and used
+    /// entries are not checked against the offer.
+    pub fn rewrites(&self, other: &Offer) -> bool {
+        self.allowed
+            .iter()
+            .any(|&(s, e)| other.tables.iter().any(|&(ts, te)| s < te && ts < e))
     }
 
     /// Each used entry names an offered head, with a length no larger
