@@ -339,22 +339,21 @@ impl Offer {
     }
 
     /// Whether the device may legitimately write into what `other`'s
-    /// chains are read from, or into its used ring with data. Then a later chain is whatever the device's
-    /// earlier writes made it, and judging it by what was offered before
-    /// would be wrong (one RX frame landing in the next chain's indirect
-    /// table, say): such inputs are still run, but their writes and used
-    /// entries are not checked against the offer.
+    /// chains are read from (its tables), or put data into its used ring.
+    /// Then a later chain is whatever the device's earlier writes made it,
+    /// and judging it by what was offered before would be wrong (one RX
+    /// frame landing in the next chain's indirect table, say): such inputs
+    /// are still run, but their writes and used entries are not checked
+    /// against the offer.
     pub fn rewrites(&self, other: &Offer) -> bool {
-        // `allowed[0]` is the offer's own used ring: writing it is the
-        // device's job, unless it lands in another queue's rings.
-        let used = other.allowed[0];
-        self.allowed.iter().enumerate().any(|(i, &(s, e))| {
-            other
-                .tables
+        let overlap = |(s, e): (u64, u64), (ts, te): (u64, u64)| s < te && ts < e;
+        // `allowed[0]` is this offer's used ring, the rest its buffers.
+        let (&used, buffers) = self.allowed.split_first().expect("the used ring");
+        let other_used = other.allowed[0];
+        other.tables.iter().any(|&t| overlap(used, t))
+            || buffers
                 .iter()
-                .chain((i > 0 || self.allowed[0] != used).then_some(&used))
-                .any(|&(ts, te)| s < te && ts < e)
-        })
+                .any(|&b| overlap(b, other_used) || other.tables.iter().any(|&t| overlap(b, t)))
     }
 
     /// Each used entry names an offered head, with a length no larger
