@@ -7,7 +7,7 @@
 #   vmlinux         ELF kernel with a PVH note (uncompressed, boots fastest)
 #   bzImage         the same kernel, LZ4-compressed, Linux boot protocol
 #   initramfs.cpio  uncompressed newc cpio: busybox-static, a few applet
-#                   symlinks, /dev/console, ./init
+#                   symlinks, /bin/veil-exit, /dev/console, ./init
 #   config          the kernel .config used
 #   inputs.txt      what <key> was computed from
 #   build.log       the full build log
@@ -60,7 +60,7 @@ key_material() {
 	echo "busybox-static $(dpkg-query -W -f='${Version}' busybox-static)"
 	echo "compiler $(gcc --version | head -1)"
 	local f
-	for f in build.sh veil.config init "${patches[@]#"$here"/}"; do
+	for f in build.sh veil.config init veil-exit.c "${patches[@]#"$here"/}"; do
 		echo "file $f $(sha256sum <"$here/$f" | cut -d' ' -f1)"
 	done
 }
@@ -174,6 +174,10 @@ cp "$src/arch/x86/boot/bzImage" "$out/bzImage"
 # gen_init_cpio (from the kernel tree) writes the archive from a list, so no
 # root rights are needed for /dev/console and ownership is root everywhere.
 step "building gen_init_cpio" gcc -O2 -o "$work/gen_init_cpio" "$src/usr/gen_init_cpio.c"
+# veil-exit: freestanding (no libc), so it stays one page of code.
+step "building veil-exit" gcc -Os -static -nostdlib -ffreestanding -fno-stack-protector \
+	-fno-asynchronous-unwind-tables -fno-pie -no-pie -Wall -Wextra -Werror -s \
+	-o "$work/veil-exit" "$here/veil-exit.c"
 busybox=/bin/busybox
 [ -x "$busybox" ] || die "$busybox missing although busybox-static is installed"
 list=$work/initramfs.list
@@ -188,6 +192,7 @@ all_applets=$("$busybox" --list-full)
 		if [ "$d" = /tmp ]; then echo "dir $d 1777 0 0"; else echo "dir $d 0755 0 0"; fi
 	done
 	echo "file /bin/busybox $busybox 0755 0 0"
+	echo "file /bin/veil-exit $work/veil-exit 0755 0 0"
 	# Symlinks for a few applets only: each cpio entry costs ~25 ms of
 	# emulated CPL0 work while the kernel unpacks it (a link for all ~270
 	# applets added ~7 s to the boot).  Debian's busybox sh runs every other
