@@ -121,6 +121,72 @@ fn a_crashing_guest_is_reported_with_its_rip() {
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
 }
 
+/// Asserts that `out` is veil's triple-fault verdict for `vcpu` at `rip`:
+/// status 70 and one `veil: error:` line that names it.
+fn assert_triple_fault(out: &Output, vcpu: u8, rip: &str) {
+    assert_eq!(out.code, Some(70), "{}", out.stderr);
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("veil: error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {}", out.stderr);
+    assert!(
+        errors[0].contains(&format!("vCPU {vcpu}: triple fault")) && errors[0].contains(rip),
+        "{}",
+        out.stderr
+    );
+}
+
+// These faults are emulated and delivered by this machine's KVM too, so
+// they triple-fault (KVM_EXIT_SHUTDOWN) here just as on ordinary KVM.
+
+#[test]
+fn a_fault_through_a_zero_limit_idt_is_a_triple_fault() {
+    if !kvm_available() {
+        return;
+    }
+    #[rustfmt::skip]
+    let code = [
+        0x0f, 0x01, 0x1d, 0x02, 0, 0, 0, // lidt [rip+2]: the descriptor below
+        0x0f, 0x0b,                      // ud2 at 0x20007f
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0,    // IDT limit 0, base 0
+    ];
+    let out = run_guest("zero-idt.elf", &code, &["--timeout", "20"]);
+    assert_triple_fault(&out, 0, "RIP 0x20007f");
+}
+
+#[test]
+fn a_general_protection_fault_without_a_handler_is_a_triple_fault() {
+    if !kvm_available() {
+        return;
+    }
+    let mut code = vec![0x48, 0xb8]; // mov rax, a non-canonical address
+    code.extend(0x8000_0000_0000_0000u64.to_le_bytes());
+    code.extend([0x48, 0x8b, 0x00]); // mov rax, [rax] at 0x200082: #GP
+    let out = run_guest("gp.elf", &code, &["--timeout", "20"]);
+    assert_triple_fault(&out, 0, "RIP 0x200082");
+}
+
+#[test]
+fn an_ap_woken_at_a_non_canonical_rip_is_a_triple_fault() {
+    if !kvm_available() {
+        return;
+    }
+    // BSP: wake APIC ID 1 at 0x8000_0000_0000_0000 through the mailbox, spin.
+    #[rustfmt::skip]
+    let mut code: Vec<u8> = vec![
+        0x48, 0xbb, 0x00, 0x00, 0xb0, 0xfe, 0, 0, 0, 0,       // mov rbx, 0xfeb00000
+        0xc7, 0x43, 0x04, 0x01, 0, 0, 0,                      // mov dword [rbx+4], 1
+        0x48, 0xb8,                                           // mov rax, imm64
+    ];
+    code.extend(0x8000_0000_0000_0000u64.to_le_bytes());
+    code.extend([0x48, 0x89, 0x43, 0x08]); // mov [rbx+8], rax
+    code.extend([0x66, 0xc7, 0x03, 0x01, 0x00]); // mov word [rbx], 1
+    code.extend(SPIN);
+    let path = write_guest("wakeup-noncanonical.elf", &code);
+    let p = path.display().to_string();
+    let args = ["run", "--kernel", &p, "--cpus", "2", "--memory", "64M", "--timeout", "20"];
+    let out = run_veil(&args, LIMIT);
+    assert_triple_fault(&out, 1, "RIP 0x8000000000000000");
+}
+
 #[test]
 fn an_ap_is_started_through_the_wakeup_mailbox() {
     if !kvm_available() {

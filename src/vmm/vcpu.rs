@@ -222,11 +222,13 @@ impl Vcpu {
                 ));
             }
             VcpuExit::Shutdown => {
-                log::warn!(
-                    "vCPU {id}: triple fault at RIP {}: treating it as a reset",
-                    rip(&self.fd)
-                );
-                shared.stop.request(StopReason::Reset);
+                // KVM_EXIT_SHUTDOWN is a triple fault (a fault while
+                // delivering #DF): the guest crashed. A guest that wants a
+                // reset asks the i8042 or the ACPI reset register instead.
+                return Err(Error::new(
+                    Kind::Software,
+                    format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN) at RIP {}", rip(&self.fd)),
+                ));
             }
             VcpuExit::SystemEvent(kind, _) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => shared.stop.request(StopReason::PowerOff),
