@@ -335,13 +335,26 @@ mod tests {
     #[test]
     fn memory_specs() {
         let plain: MemoryConfig = "1G".parse().unwrap();
-        assert_eq!((plain.size, plain.hugepages, plain.file), (1 << 30, HugePages::Auto, None));
+        assert_eq!(
+            (plain.size, plain.hugepages, plain.file),
+            (1 << 30, HugePages::Auto, None)
+        );
         let full: MemoryConfig = "size=512M,hugepages=off,file=/dev/hugepages/vm".parse().unwrap();
         assert_eq!(full.size, 512 << 20);
         assert_eq!(full.hugepages, HugePages::Off);
         assert_eq!(full.file.as_deref(), Some(std::path::Path::new("/dev/hugepages/vm")));
-        assert_eq!("2G,hugepages=on".parse::<MemoryConfig>().unwrap().hugepages, HugePages::On);
-        for bad in ["hugepages=on", "1G,hugepages=yes", "1G,file=", "1G,color=red", "size=1G,2G", ""] {
+        assert_eq!(
+            "2G,hugepages=on".parse::<MemoryConfig>().unwrap().hugepages,
+            HugePages::On
+        );
+        for bad in [
+            "hugepages=on",
+            "1G,hugepages=yes",
+            "1G,file=",
+            "1G,color=red",
+            "size=1G,2G",
+            "",
+        ] {
             let err = bad.parse::<MemoryConfig>().unwrap_err();
             assert!(err.starts_with("invalid"), "{bad}: {err}");
         }

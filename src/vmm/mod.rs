@@ -386,11 +386,7 @@ impl Vm {
         mmio.insert(WAKEUP_MAILBOX_ADDR, WAKEUP_MAILBOX_SIZE, mailbox.clone())
             .map_err(bus_err)?;
 
-        let ultracall = ultracall::UltracallGate::new(
-            ram.shared.clone(),
-            ram.host_protection(),
-            started,
-        );
+        let ultracall = ultracall::UltracallGate::new(ram.shared.clone(), ram.host_protection(), started);
         let shared = Arc::new(VcpuShared {
             pio,
             mmio,

@@ -180,7 +180,9 @@ fn user_file(path: &Path, size: u64, hugepages: HugePages) -> Result<RamFile> {
         .create(true)
         .truncate(false)
         .open(path)
-        .context(Kind::NoInput, || format!("--memory file={}: cannot open", path.display()))?;
+        .context(Kind::NoInput, || {
+            format!("--memory file={}: cannot open", path.display())
+        })?;
     let magic = filesystem_magic(&file);
     let backing = if magic == Some(HUGETLBFS_MAGIC) {
         Backing::Hugetlbfs
@@ -194,17 +196,22 @@ fn user_file(path: &Path, size: u64, hugepages: HugePages) -> Result<RamFile> {
             return Err(bad("the size must be a multiple of 2 MiB on hugetlbfs"))
         }
         (Backing::File, HugePages::On) if magic != Some(TMPFS_MAGIC) => {
-            return Err(bad("hugepages=on needs a file on hugetlbfs or on a tmpfs mounted huge="))
+            return Err(bad(
+                "hugepages=on needs a file on hugetlbfs or on a tmpfs mounted huge=",
+            ))
         }
         _ => {}
     }
     let len = file
         .metadata()
-        .context(Kind::NoInput, || format!("--memory file={}: cannot stat", path.display()))?
+        .context(Kind::NoInput, || {
+            format!("--memory file={}: cannot stat", path.display())
+        })?
         .len();
     if len < size {
-        file.set_len(size)
-            .context(Kind::Data, || format!("--memory file={}: cannot grow to {size} bytes", path.display()))?;
+        file.set_len(size).context(Kind::Data, || {
+            format!("--memory file={}: cannot grow to {size} bytes", path.display())
+        })?;
     }
     Ok(RamFile { file, backing })
 }
