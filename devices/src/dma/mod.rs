@@ -1,10 +1,12 @@
 //! The DMA view: the one way every device reaches guest memory.
 //!
-//! Rings and buffers alike are read and written through a `DmaMemory`, which
-//! is vm-memory's `IommuMemory` over the host view of guest RAM. With the
+//! Rings and buffers alike are read and written through a `DmaMemory`, a
+//! `DmaView` (view.rs): veil's own `GuestMemory` over the host view of guest
+//! RAM, so virtio-queue and `Bytes` use it like any other memory. With the
 //! IOMMU off (IOMMU-bypass, or ACCESS_PLATFORM without a vIOMMU) an address
 //! is a guest-physical address; with it on, every access is translated by
-//! `DmaTranslation` first.
+//! `DmaTranslation` first. Either way the shared-page gate is checked
+//! before any slice of the host view is handed out.
 //!
 //! # Translated devices
 //!
