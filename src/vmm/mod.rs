@@ -5,6 +5,7 @@ mod devices;
 mod irq;
 mod loader;
 mod memory;
+mod port_io;
 pub mod ultracall;
 mod vcpu;
 mod wakeup;
