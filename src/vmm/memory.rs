@@ -105,7 +105,7 @@ fn map(file: &Arc<File>, size: u64, backing: Backing) -> Result<GuestMemoryMmap>
             .context(Kind::Data, || format!("cannot map {} MiB of guest memory", len >> 20))?;
         if backing.wants_huge() {
             let at = mapping.as_ptr() as usize;
-            if at as u64 % HUGE_PAGE != 0 {
+            if !(at as u64).is_multiple_of(HUGE_PAGE) {
                 log::warn!("guest RAM mapped at {at:#x}, not 2 MiB-aligned: the host will use 4 KiB pages for it");
             }
             // SAFETY: advice on a mapping this region owns; it changes
@@ -206,7 +206,7 @@ impl GuestRam {
             aligned_2m: kvm_regions
                 .iter()
                 .chain(&host_regions)
-                .all(|&(at, _)| at as u64 % HUGE_PAGE == 0),
+                .all(|&(at, _)| (at as u64).is_multiple_of(HUGE_PAGE)),
             kvm_regions,
         }
     }

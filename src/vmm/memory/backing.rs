@@ -13,6 +13,9 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 
+/// One way of making a huge-page RAM file: the file, or why it could not be made.
+type Attempt = fn(u64) -> std::result::Result<File, String>;
+
 pub const HUGE_PAGE: u64 = 2 << 20;
 const SMALL_PAGE: u64 = 4096;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
@@ -78,7 +81,7 @@ pub fn open(config: &MemoryConfig) -> Result<RamFile> {
         });
     }
     let mut why = Vec::new();
-    let attempts: [(Backing, fn(u64) -> std::result::Result<File, String>); 3] = [
+    let attempts: [(Backing, Attempt); 3] = [
         (Backing::Hugetlbfs, hugetlbfs_pool),
         (Backing::ShmemThp, shmem_thp),
         (Backing::PrivateHugeTmpfs, private_tmpfs::create),
