@@ -62,8 +62,8 @@ pub struct RunArgs {
     /// Kernel command line [default for Linux: "console=ttyS0 reboot=k panic=1"].
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
-    /// Guest RAM, e.g. 256M or 2G [default: 256M].
-    #[arg(long, value_name = "SIZE")]
+    /// Guest RAM: SIZE (e.g. 256M, 2G) or size=SIZE[,hugepages=on|off|auto][,file=PATH] [default: 256M, hugepages=auto].
+    #[arg(long, value_name = "SIZE|OPTS")]
     pub memory: Option<String>,
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
