@@ -182,7 +182,17 @@ fn an_ap_woken_at_a_non_canonical_rip_is_a_triple_fault() {
     code.extend(SPIN);
     let path = write_guest("wakeup-noncanonical.elf", &code);
     let p = path.display().to_string();
-    let args = ["run", "--kernel", &p, "--cpus", "2", "--memory", "64M", "--timeout", "20"];
+    let args = [
+        "run",
+        "--kernel",
+        &p,
+        "--cpus",
+        "2",
+        "--memory",
+        "64M",
+        "--timeout",
+        "20",
+    ];
     let out = run_veil(&args, LIMIT);
     assert_triple_fault(&out, 1, "RIP 0x8000000000000000");
 }
