@@ -43,12 +43,8 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request: a chain as long as the queue, less the
 /// header and the status.
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// Longest data segment: what a guest's bounce buffers take in one piece
-/// (Linux's swiotlb: 128 slots of 2 KiB). Linux sizes its queue's segments
-/// from this at probe, also in bypass, so the limits stay valid when the
-/// guest goes secure and starts bouncing.
-pub const SIZE_MAX: u32 = 256 << 10;
-const _: () = assert!(SIZE_MAX as usize <= COPY_CHUNK);
+/// Longest data segment.
+pub const SIZE_MAX: u32 = COPY_CHUNK as u32;
 /// Logical block size the driver is told to use.
 pub const BLK_SIZE: u32 = 512;
 /// Limits of discard and write-zeroes requests.
