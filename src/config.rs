@@ -58,6 +58,69 @@ impl std::str::FromStr for BootProtocol {
     }
 }
 
+/// Whether guest RAM should sit on 2 MiB pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HugePages {
+    /// Huge pages where the host gives them without configuration, else
+    /// 4 KiB pages with one warning.
+    #[default]
+    Auto,
+    /// Huge pages or an error.
+    On,
+    /// Always 4 KiB pages (a plain memfd).
+    Off,
+}
+
+/// `--memory`: `SIZE` or `size=SIZE[,hugepages=on|off|auto][,file=PATH]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    pub size: u64,
+    pub hugepages: HugePages,
+    /// A file the user provides as guest RAM (e.g. on a hugetlbfs mount).
+    pub file: Option<PathBuf>,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: VmConfig::DEFAULT_MEMORY,
+            hugepages: HugePages::Auto,
+            file: None,
+        }
+    }
+}
+
+impl std::str::FromStr for MemoryConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut size = None;
+        let mut config = MemoryConfig::default();
+        for (i, item) in s.split(',').enumerate() {
+            match item.split_once('=') {
+                None if i == 0 => size = Some(parse_size(item)?),
+                Some(("size", v)) => size = Some(parse_size(v)?),
+                Some(("hugepages", v)) => {
+                    config.hugepages = match v {
+                        "auto" => HugePages::Auto,
+                        "on" => HugePages::On,
+                        "off" => HugePages::Off,
+                        _ => return Err(format!("invalid --memory hugepages={v}: expected on, off or auto")),
+                    }
+                }
+                Some(("file", v)) if !v.is_empty() => config.file = Some(v.into()),
+                _ => {
+                    return Err(format!(
+                        "invalid --memory '{s}': expected SIZE or size=SIZE[,hugepages=on|off|auto][,file=PATH]"
+                    ))
+                }
+            }
+        }
+        config.size = size.ok_or_else(|| format!("invalid --memory '{s}': no size"))?;
+        Ok(config)
+    }
+}
+
 /// Parses sizes like `256M`, `2G`, `65536` or `64KiB` into bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -84,7 +147,7 @@ pub struct VmConfig {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
-    pub memory: u64,
+    pub memory: MemoryConfig,
     pub cpus: u8,
     pub serial: SerialOutput,
     pub timeout_secs: Option<f64>,
@@ -112,7 +175,7 @@ impl VmConfig {
             .kernel
             .as_ref()
             .map_or_else(|| "built-in test guest".to_string(), |p| p.display().to_string());
-        format!("{kernel}, {} MiB, {} vCPU(s)", self.memory >> 20, self.cpus)
+        format!("{kernel}, {} MiB, {} vCPU(s)", self.memory.size >> 20, self.cpus)
     }
 }
 
@@ -155,6 +218,17 @@ impl SizeValue {
             SizeValue::Text(s) => parse_size(s),
         }
     }
+
+    /// The `--memory` form: a size, or the full `size=..,hugepages=..` list.
+    pub fn memory(&self) -> Result<MemoryConfig, String> {
+        match self {
+            SizeValue::Bytes(n) => Ok(MemoryConfig {
+                size: *n,
+                ..Default::default()
+            }),
+            SizeValue::Text(s) => s.parse(),
+        }
+    }
 }
 
 impl ConfigFile {
@@ -189,8 +263,8 @@ fn check_timeout(t: f64) -> Result<f64, String> {
 /// setting from the flags wins. Then applies the defaults.
 pub fn resolve(file: ConfigFile, flags: ConfigFile) -> Result<VmConfig, String> {
     let memory = match flags.memory.or(file.memory) {
-        Some(v) => v.bytes()?,
-        None => VmConfig::DEFAULT_MEMORY,
+        Some(v) => v.memory()?,
+        None => MemoryConfig::default(),
     };
     let serial = match flags.serial.or(file.serial) {
         Some(s) => s.parse()?,
@@ -259,6 +333,34 @@ mod tests {
     }
 
     #[test]
+    fn memory_specs() {
+        let plain: MemoryConfig = "1G".parse().unwrap();
+        assert_eq!(
+            (plain.size, plain.hugepages, plain.file),
+            (1 << 30, HugePages::Auto, None)
+        );
+        let full: MemoryConfig = "size=512M,hugepages=off,file=/dev/hugepages/vm".parse().unwrap();
+        assert_eq!(full.size, 512 << 20);
+        assert_eq!(full.hugepages, HugePages::Off);
+        assert_eq!(full.file.as_deref(), Some(std::path::Path::new("/dev/hugepages/vm")));
+        assert_eq!(
+            "2G,hugepages=on".parse::<MemoryConfig>().unwrap().hugepages,
+            HugePages::On
+        );
+        for bad in [
+            "hugepages=on",
+            "1G,hugepages=yes",
+            "1G,file=",
+            "1G,color=red",
+            "size=1G,2G",
+            "",
+        ] {
+            let err = bad.parse::<MemoryConfig>().unwrap_err();
+            assert!(err.starts_with("invalid"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn serial_specs() {
         assert_eq!("stdout".parse(), Ok(SerialOutput::Stdout));
         assert_eq!("file=/tmp/x".parse(), Ok(SerialOutput::File("/tmp/x".into())));
@@ -274,10 +376,11 @@ mod tests {
             ..Default::default()
         };
         let c = resolve(file, flags).unwrap();
-        assert_eq!((c.memory, c.cpus, c.cmdline.as_deref()), (1 << 30, 4, Some("a")));
+        assert_eq!((c.memory.size, c.cpus, c.cmdline.as_deref()), (1 << 30, 4, Some("a")));
         assert_eq!(c.serial, SerialOutput::Stdout);
         let d = resolve(ConfigFile::default(), ConfigFile::default()).unwrap();
-        assert_eq!((d.memory, d.cpus, d.kernel), (VmConfig::DEFAULT_MEMORY, 1, None));
+        assert_eq!((d.memory.size, d.cpus, d.kernel), (VmConfig::DEFAULT_MEMORY, 1, None));
+        assert_eq!(d.memory.hugepages, HugePages::Auto);
     }
 
     #[test]
@@ -299,6 +402,6 @@ mod tests {
         assert!(resolve(ConfigFile::default(), t).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"memroy": "1G"}"#).is_err());
         let bytes: ConfigFile = serde_json::from_str(r#"{"memory": 67108864}"#).unwrap();
-        assert_eq!(resolve(bytes, ConfigFile::default()).unwrap().memory, 64 << 20);
+        assert_eq!(resolve(bytes, ConfigFile::default()).unwrap().memory.size, 64 << 20);
     }
 }

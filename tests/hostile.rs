@@ -174,6 +174,21 @@ fn run_hostile(transport: &str) {
     assert_eq!(field(done, "devices"), Some("4"), "{done}");
     assert_eq!(field(done, "cases"), Some(cases.len().to_string().as_str()), "{done}");
 
+    // String port I/O: each element of a `rep ins/outs` is its own access
+    // (PCI mechanism #1 exists only when there is a PCI device).
+    let mut pio_cases = vec!["rep_insb_com1_lsr", "rep_outsb_com1_scratch"];
+    if transport == "pci" {
+        pio_cases.extend(["rep_insl_pci_config", "rep_outsl_pci_address"]);
+    }
+    for case in pio_cases {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("PROBE hostile pio ") && field(l, "case") == Some(case))
+            .unwrap_or_else(|| panic!("no string I/O case {case}\n{context}"));
+        assert_eq!(field(line, "result"), Some("ok"), "{line}");
+    }
+
     // The read-only disk is byte for byte what it was; the writable one
     // did not grow (the write past its end was refused).
     assert!(std::fs::read(&ro).unwrap() == ro_bytes, "the read-only image changed");

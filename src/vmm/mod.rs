@@ -5,12 +5,13 @@ mod devices;
 mod irq;
 mod loader;
 mod memory;
+mod port_io;
 pub mod ultracall;
 mod vcpu;
 mod wakeup;
 
 pub use loader::{detect_format, KernelFormat};
-pub use memory::{GuestRam, HostViewProtection};
+pub use memory::{GuestRam, HostViewProtection, MemoryReport};
 pub use vcpu::unix_ns;
 
 use crate::config::{BootProtocol, SerialOutput, VmConfig};
@@ -64,6 +65,8 @@ pub struct RunReport {
     /// Resident memory that is not guest RAM: VMM heap, stacks, code.
     pub rss_overhead_kib: u64,
     pub guest_ram_resident_kib: u64,
+    /// Which file backs guest RAM and how much of it sits on 2 MiB pages.
+    pub memory: MemoryReport,
     pub devices: std::collections::BTreeMap<String, devices::DeviceReport>,
     /// Private and shared pages, and the guest's ultracalls.
     pub secure: ultracall::SecureReport,
@@ -150,7 +153,7 @@ impl Vm {
         let started = Instant::now();
         let hidden = veil_arch::cpuid::resolve_hidden(&config.cpuid_hide)
             .map_err(|e| Error::new(Kind::Usage, format!("--cpuid-hide: {e}")))?;
-        let ram = GuestRam::new(config.memory)?;
+        let ram = GuestRam::new(&config.memory)?;
 
         // The guest image first, before any KVM resource: bad input fails
         // the same way on a host without KVM.
@@ -384,11 +387,7 @@ impl Vm {
         mmio.insert(WAKEUP_MAILBOX_ADDR, WAKEUP_MAILBOX_SIZE, mailbox.clone())
             .map_err(bus_err)?;
 
-        let ultracall = ultracall::UltracallGate::new(
-            ram.shared.clone(),
-            memory::HostViewProtection(ram.host_view.clone()),
-            started,
-        );
+        let ultracall = ultracall::UltracallGate::new(ram.shared.clone(), ram.host_protection(), started);
         let shared = Arc::new(VcpuShared {
             pio,
             mmio,
@@ -437,6 +436,7 @@ impl Vm {
             sandbox,
         } = self;
         let reporter = Arc::new(Reporter {
+            memory: ram.reporter(),
             shared: shared.clone(),
             mailbox,
             serial: serial.clone(),
@@ -497,6 +497,7 @@ impl Vm {
 
 /// Builds `RunReport`s from the live VM, at the end or on demand.
 struct Reporter {
+    memory: memory::MemoryReporter,
     shared: Arc<VcpuShared>,
     mailbox: Arc<Mutex<wakeup::WakeupMailbox>>,
     serial: Arc<Mutex<Serial>>,
@@ -514,7 +515,7 @@ impl Reporter {
     fn build(&self, result: Option<&Result<StopReason>>) -> RunReport {
         let mailbox = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
         let c = &self.shared.counters;
-        let (rss, shmem) = rss_kib();
+        let (rss, shmem, hugetlb) = rss_kib();
         RunReport {
             stop: match result {
                 None => "running".into(),
@@ -534,7 +535,9 @@ impl Reporter {
             ap_wakeups_ignored: mailbox.ignored,
             serial_lost_bytes: self.serial.lock().unwrap_or_else(|e| e.into_inner()).lost_bytes,
             rss_overhead_kib: rss.saturating_sub(shmem),
-            guest_ram_resident_kib: shmem,
+            // hugetlbfs pages are outside VmRSS; shmem ones inside it.
+            guest_ram_resident_kib: shmem + hugetlb,
+            memory: self.memory.report(),
             devices: self.device_manager.metrics(),
             secure: self.shared.ultracall.report(),
             thread_cpu_ns: {
@@ -596,9 +599,10 @@ fn thread_cpu_ns() -> std::collections::BTreeMap<String, u64> {
     out
 }
 
-/// (VmRSS, RssShmem) of this process in KiB. Guest RAM is a memfd, so it
-/// shows as shared memory; everything else is veil's own overhead.
-fn rss_kib() -> (u64, u64) {
+/// (VmRSS, RssShmem, HugetlbPages) of this process in KiB. Guest RAM is a
+/// shared file, so it shows as shared memory (or as hugetlb pages, which
+/// VmRSS leaves out); everything else is veil's own overhead.
+fn rss_kib() -> (u64, u64, u64) {
     let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         text.lines()
@@ -607,7 +611,7 @@ fn rss_kib() -> (u64, u64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    (field("VmRSS:"), field("RssShmem:"))
+    (field("VmRSS:"), field("RssShmem:"), field("HugetlbPages:"))
 }
 
 /// Wakes the main loop when a device asks the VM to stop.

@@ -295,7 +295,7 @@ mod tests {
     fn gate_with_host_view(mapped: u64) -> UltracallGate {
         let pages = Arc::new(SharedPages::new(&[(0, 16 * MIB)]));
         let view = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mapped as usize)]).unwrap();
-        UltracallGate::new(pages, HostViewProtection(view), Instant::now())
+        UltracallGate::new(pages, HostViewProtection::new(view), Instant::now())
     }
 
     fn gate() -> UltracallGate {

@@ -12,6 +12,7 @@ use veil_arch::layout::ULTRACALL_PORT;
 use veil_arch::regs::{boot_regs, set_long_mode, EntryPoint};
 use veil_devices::{Bus, StopReason, StopSignal};
 
+use super::port_io::PortAccess;
 use super::ultracall::UltracallGate;
 
 /// What every vCPU thread shares with the rest of the VM.
@@ -187,17 +188,14 @@ impl Vcpu {
                     .map_err(|e| Error::new(Kind::Software, format!("vCPU {id}: ultracall: {e}")))?;
             }
             VcpuExit::Hypercall(call) => *call.ret = shared.ultracall.hypercall(call.nr, call.args),
-            VcpuExit::IoOut(port, data) => {
+            VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => {
                 c.pio.fetch_add(1, Ordering::Relaxed);
-                if !shared.pio.write(u64::from(port), data) {
+                // A string instruction is one exit of many elements: the bus
+                // gets them one by one (port_io.rs).
+                let access = PortAccess::pending(&mut self.fd);
+                if !access.serve(&shared.pio) {
                     c.unclaimed.fetch_add(1, Ordering::Relaxed);
-                    log::debug!("vCPU {id}: write to unclaimed port {port:#x}");
-                }
-            }
-            VcpuExit::IoIn(port, data) => {
-                c.pio.fetch_add(1, Ordering::Relaxed);
-                if !shared.pio.read(u64::from(port), data) {
-                    c.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("vCPU {id}: access to unclaimed port {:#x}", access.port);
                 }
             }
             VcpuExit::MmioWrite(addr, data) => {

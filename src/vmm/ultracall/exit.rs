@@ -3,7 +3,8 @@
 
 use super::map_gpa_range::KVM_HC_MAP_GPA_RANGE;
 use super::UltracallGate;
-use kvm_bindings::{kvm_enable_cap, KVM_CAP_EXIT_HYPERCALL, KVM_EXIT_IO_IN};
+use crate::vmm::port_io::PortAccess;
+use kvm_bindings::{kvm_enable_cap, KVM_CAP_EXIT_HYPERCALL};
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
 /// Asks KVM to forward KVM_HC_MAP_GPA_RANGE (and only it) to veil, when KVM
@@ -27,53 +28,11 @@ pub fn enable_hypercall_exits(vm: &VmFd) {
     }
 }
 
-/// The pending port access of the last exit, as KVM described it.
-struct PortAccess {
-    is_in: bool,
-    size: u8,
-    count: u32,
-    /// The access's data in the vCPU's `kvm_run` mapping.
-    data: *mut u8,
-}
-
-fn pending_port_access(fd: &mut VcpuFd) -> PortAccess {
-    let run = fd.get_kvm_run();
-    // SAFETY: the caller saw a KVM_EXIT_IO exit, so `io` is the union
-    // member KVM filled; it holds plain integers only.
-    let io = unsafe { run.__bindgen_anon_1.io };
-    PortAccess {
-        is_in: u32::from(io.direction) == KVM_EXIT_IO_IN,
-        size: io.size,
-        count: io.count,
-        // In bounds, as KVM promises for `data_offset` (the same arithmetic
-        // kvm-ioctls does to hand out the data of IoIn/IoOut).
-        data: std::ptr::from_mut(run)
-            .cast::<u8>()
-            .wrapping_add(io.data_offset as usize),
-    }
-}
-
-impl PortAccess {
-    fn len(&self) -> usize {
-        usize::from(self.size) * self.count as usize
-    }
-
-    /// Sets what the pending `in` reads.
-    fn answer(&self, bytes: impl Iterator<Item = u8>) {
-        for (i, b) in bytes.take(self.len()).enumerate() {
-            // SAFETY: KVM reserved `size * count` bytes at `data` inside the
-            // vCPU's kvm_run mapping, which lives as long as the VcpuFd; no
-            // reference to those bytes exists while this writes them.
-            unsafe { self.data.add(i).write(b) };
-        }
-    }
-}
-
 impl UltracallGate {
     /// Serves a KVM_EXIT_IO on the ultracall port: an `in eax` is a call,
     /// anything else a bad access. Errors are KVM's (registers unreadable).
     pub fn serve_port_exit(&self, fd: &mut VcpuFd, vcpu: u8) -> Result<(), kvm_ioctls::Error> {
-        let access = pending_port_access(fd);
+        let access = PortAccess::pending(fd);
         if !access.is_in || access.size != 4 || access.count != 1 {
             let what = format!(
                 "{} of {} x {} bytes",

@@ -19,6 +19,8 @@
 //! PROBE hostile done cases=<n> failed=<m>
 //! ```
 //!
+//! First, before any device, the string port I/O cases (hostile/pio.rs).
+//!
 //! `expect` lists the acceptable answers separated by `|`. Answers: `ok`,
 //! `ioerr`, `unsupp` (the block status byte), `len0` (returned with used
 //! length 0 and no status), `len=N`, `not_done` (no used entry within the
@@ -35,6 +37,7 @@ mod blk;
 mod common;
 mod io;
 mod net;
+mod pio;
 mod rng;
 mod transport;
 mod vq;
@@ -234,6 +237,8 @@ pub fn run(info: &BootInfo) -> bool {
         next_area,
         areas_end,
     };
+    // Before any device: string port I/O on the legacy ports.
+    let pio_ok = pio::run();
     Out::new("memory")
         .hex("ram_end", ram_end)
         .hex("outside", outside)
@@ -263,7 +268,7 @@ pub fn run(info: &BootInfo) -> bool {
         .dec("cases", ctx.cases)
         .dec("failed", ctx.failed)
         .emit();
-    ctx.cases > 0 && ctx.failed == 0
+    pio_ok && ctx.cases > 0 && ctx.failed == 0
 }
 
 fn test_device(ctx: &mut Ctx, t: &mut dyn Transport, counts: &mut [u64; 8]) {
