@@ -176,7 +176,9 @@ pub enum BenchCommand {
     Dma(DmaBenchArgs),
     /// Secure guests: block I/O through bounce pages and the vIOMMU after ESM, against bypass, and ESM/SHARE/UNSHARE costs.
     Secure(HarnessArgs),
-    /// Every case (boot, blk, net, dma, secure), interleaved run by run, optionally against QEMU: Markdown, JSON, SVG.
+    /// Time to write every page of guest RAM (the test guest's default run) at 256 MiB and 1 GiB, whole process, optionally against QEMU's default memory.
+    Mem(HarnessArgs),
+    /// Every case (boot, mem, blk, net, dma, secure), interleaved run by run, optionally against QEMU: Markdown, JSON, SVG.
     All(HarnessArgs),
 }
 
@@ -303,7 +305,7 @@ pub struct HarnessArgs {
     /// Runs per case and peer.
     #[arg(long, default_value_t = 5)]
     pub runs: u32,
-    /// Only these groups (boot, blk, net, dma, secure), comma separated [default: all].
+    /// Only these groups (boot, mem, blk, net, dma, secure), comma separated [default: all].
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// MiB moved per block case.

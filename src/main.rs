@@ -120,6 +120,7 @@ fn main() -> ExitCode {
                 None => veil::bench::dma::run(&args),
             },
             BenchCommand::Secure(args) => veil::bench::harness::run(&["secure".to_string()], &args),
+            BenchCommand::Mem(args) => veil::bench::harness::run(&["mem".to_string()], &args),
             BenchCommand::All(args) => {
                 let groups = if args.only.is_empty() {
                     vec!["all".to_string()]

@@ -26,6 +26,8 @@ pub enum Workload {
     Net,
     /// The ultracall guest; ESM, SHARE and UNSHARE from veil's metrics.
     Esm,
+    /// The test guest's default run (`basic`): it writes every page of RAM.
+    Mem,
 }
 
 /// How the QEMU peer sets up the device's DMA for a job, or why it cannot.
@@ -100,7 +102,10 @@ const SECURE_SETUPS: [(&str, &[&str], &str); 2] = [
     ),
 ];
 
-pub const GROUPS: [&str; 5] = ["boot", "blk", "net", "dma", "secure"];
+pub const GROUPS: [&str; 6] = ["boot", "mem", "blk", "net", "dma", "secure"];
+
+/// Guest RAM sizes of the mem group.
+const MEM_SIZES: [&str; 2] = ["256M", "1G"];
 
 /// Every job of the groups asked for, in run order.
 pub fn jobs(groups: &[String], esm_memory: &[String]) -> Vec<Job> {
@@ -119,6 +124,21 @@ pub fn jobs(groups: &[String], esm_memory: &[String]) -> Vec<Job> {
             qemu: QemuDma::Bypass,
             ram: "256M",
         });
+    }
+    if want("mem") {
+        for ram in MEM_SIZES {
+            jobs.push(Job {
+                group: "mem",
+                name: format!("mem-{ram}"),
+                workload: Workload::Mem,
+                transport: "-",
+                setup: ram,
+                veil_flags: vec![],
+                probe_params: String::new(),
+                qemu: QemuDma::Bypass,
+                ram,
+            });
+        }
     }
     for (group, workload) in [("blk", Workload::Blk), ("net", Workload::Net)] {
         let baseline = group == "blk" && (want("dma") || want("secure"));
@@ -210,7 +230,7 @@ pub struct Sizes {
 /// The guest command line of a job, the same for every peer.
 pub fn cmdline(job: &Job, sizes: Sizes) -> String {
     let bench = match job.workload {
-        Workload::Boot => return String::new(),
+        Workload::Boot | Workload::Mem => return String::new(),
         Workload::Esm => return "probe.mode=ultracall".into(),
         Workload::Blk => "blk",
         Workload::Net => "net",
@@ -377,6 +397,11 @@ pub fn run_once(
             return Ok(measures);
         }
         saw_line = true;
+        if job.workload == Workload::Mem && line.trim_end() == "PROBE done status=0" {
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            let c = counters(peer, pid, files, debugfs);
+            measures.push(Measure::new("touch-ram", ms, 1, &c, &Counters::default()));
+        }
         match parse_line(&line) {
             Line::Begin(c) => begin = Some((c, counters(peer, pid, files, debugfs))),
             // The end marker costs one port write per byte, newline included.
@@ -410,6 +435,11 @@ pub fn run_once(
         }
     }
     let status = child.0.wait().map_err(|e| format!("wait: {e}"))?;
+    if job.workload == Workload::Mem && !measures.is_empty() {
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let none = Counters::default();
+        measures.push(Measure::new("whole-process", ms, 1, &none, &none));
+    }
     let err = err_reader.join().unwrap_or_default();
     if !peer.succeeded(status) {
         let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
@@ -449,6 +479,7 @@ pub fn run_once(
     if measures.is_empty() {
         return Err(match job.workload {
             Workload::Boot => "no line on the serial console".into(),
+            Workload::Mem => "the guest did not end with PROBE done status=0".into(),
             _ => "the guest reported no result".into(),
         });
     }
@@ -657,6 +688,8 @@ mod tests {
             names,
             [
                 "boot",
+                "mem-256M",
+                "mem-1G",
                 "blk-mmio",
                 "blk-pci",
                 "net-mmio",

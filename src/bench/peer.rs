@@ -73,7 +73,7 @@ impl Peer for Veil {
             Workload::Net => {
                 cmd.arg("--net").arg(format!("loopback,transport={}", job.transport));
             }
-            Workload::Boot | Workload::Esm => {}
+            Workload::Boot | Workload::Esm | Workload::Mem => {}
         }
         Ok(cmd)
     }
@@ -183,7 +183,7 @@ impl Peer for Qemu {
         cmd.arg("-kernel").arg(&self.probe_elf);
         // microvm describes its virtio-mmio transports in the DSDT only:
         // name the first (the top one, which QEMU fills first) for the probe.
-        let with_devices = if pci || matches!(job.workload, Workload::Boot) {
+        let with_devices = if pci || matches!(job.workload, Workload::Boot | Workload::Mem) {
             cmdline.to_string()
         } else {
             format!("{cmdline} virtio_mmio.device=512@0xfeb02e00:0")
@@ -219,7 +219,7 @@ impl Peer for Qemu {
                 ]);
                 cmd.args(["-device", &format!("virtio-net-{suffix},netdev=n0{pci_opts}{platform}")]);
             }
-            Workload::Boot => {}
+            Workload::Boot | Workload::Mem => {}
             Workload::Esm => return Err("QEMU has no ultracalls".into()),
         }
         Ok(cmd)

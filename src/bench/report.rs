@@ -122,7 +122,7 @@ pub struct Report {
 
 fn unit_of(case: &str) -> (&'static str, bool) {
     match case {
-        "first-serial-line" | "esm-ms" => ("ms", false),
+        "first-serial-line" | "esm-ms" | "touch-ram" | "whole-process" => ("ms", false),
         "rss-at-first-line" => ("MiB", false),
         c if c.ends_with("-ns-per-page") => ("ns/page", false),
         _ => ("MB/s", true),

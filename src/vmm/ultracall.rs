@@ -431,6 +431,8 @@ mod tests {
         assert_eq!(status(&g, 4, 0x20_0000, 4), Status::Ok);
         assert_eq!(status(&g, 4, 0x20_0000, 4), Status::Ok, "unsharing twice is fine too");
         assert_eq!(query(&g), secure_with(20));
+        assert_eq!(status(&g, 4, 0x40_0000, 8), Status::Ok, "unsharing private pages");
+        assert_eq!(query(&g), secure_with(20), "changes nothing");
     }
 
     #[test]

@@ -1230,6 +1230,36 @@ mod tests {
         assert!(g.h.intx.read().is_err());
     }
 
+    /// What a Linux driver's freeze and restore do: reset the device, free
+    /// its vectors (MSI-X off), then enable and program them again.
+    #[test]
+    fn msix_can_be_torn_down_and_enabled_again_across_a_reset() {
+        let mut g = Guest::new(3);
+        g.enable_memory();
+        g.program_vector(1, MSG);
+        g.set_common(common::QUEUE_SELECT, 2, 0);
+        g.set_common(common::QUEUE_MSIX_VECTOR, 2, 1);
+        g.set_common(common::DEVICE_STATUS, 1, 0);
+        let cap = g.msix_cap().unwrap();
+        g.mask_vector(1, true);
+        g.cfg_write(cap + 2, 2, 0);
+        assert_eq!(g.h.router.route(GSI_BASE + 1), None, "route dropped with MSI-X off");
+        g.h.interrupt.trigger(InterruptCause::Queue(0)).unwrap();
+        assert!(g.h.irqfds.iter().all(|fd| fd.read().is_err()));
+
+        let again = MsiMessage {
+            address: 0xfee0_2000,
+            data: 0x4031,
+        };
+        g.program_vector(1, again);
+        g.set_common(common::QUEUE_SELECT, 2, 0);
+        g.set_common(common::QUEUE_MSIX_VECTOR, 2, 1);
+        assert_eq!(g.common(common::QUEUE_MSIX_VECTOR, 2), 1);
+        g.h.interrupt.trigger(InterruptCause::Queue(0)).unwrap();
+        assert_eq!(g.h.irqfds[1].read().unwrap(), 1);
+        assert_eq!(g.h.router.route(GSI_BASE + 1), Some(again));
+    }
+
     #[test]
     fn masked_vector_sets_pending_and_fires_on_unmask() {
         let mut g = Guest::new(3);

@@ -22,6 +22,10 @@ macro_rules! counters {
 counters! {
     /// Driver activations (DRIVER_OK with a valid set-up).
     activations,
+    /// Of those, activations with ACCESS_PLATFORM negotiated.
+    activations_platform,
+    /// Of those, activations while the guest was secure.
+    activations_secure,
     /// Device resets by the driver.
     resets,
     /// Requests (descriptor chains) completed.
@@ -39,6 +43,9 @@ counters! {
     /// Descriptor chains that could not be walked (loops, bad indexes, bad
     /// indirect tables, addresses outside guest memory).
     bad_descriptors,
+    /// Queues refused at queue enable or DRIVER_OK because the guest is
+    /// secure and a ring is not on pages it shared.
+    private_rings,
     /// Accesses outside what the device may touch (unmapped IOVA, denied page).
     dma_denied,
     /// Queue sizes that were not a power of two or too large.

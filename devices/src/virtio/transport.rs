@@ -323,9 +323,35 @@ impl VirtioState {
             }
             return;
         }
-        if let Some(q) = self.queue_for_write("queue ready") {
-            q.ready = ready;
+        let Some(q) = self.queue_for_write("queue ready") else {
+            return;
+        };
+        q.ready = ready;
+        let cfg = *q;
+        // A secure guest's rings must be on pages it shared: refuse them
+        // here, once, rather than failing every request later.
+        if ready && self.is_secure() {
+            let index = usize::from(self.queue_sel);
+            if let Err(why) = self.build_queue(index, &cfg) {
+                self.queues[index].ready = false;
+                self.refuse_rings(&why);
+            }
         }
+    }
+
+    fn is_secure(&self) -> bool {
+        self.views.shared.as_ref().is_some_and(|s| s.is_secure())
+    }
+
+    /// Rings the device cannot reach: on private pages (secure guest) or
+    /// outside memory.
+    fn refuse_rings(&mut self, why: &str) {
+        if self.is_secure() {
+            DeviceMetrics::inc(&self.metrics.private_rings);
+        } else {
+            DeviceMetrics::inc(&self.metrics.bad_descriptors);
+        }
+        self.needs_reset(why);
     }
 
     pub fn set_queue_address(&mut self, which: QueueAddress, half: Half, word: u32) {
@@ -391,6 +417,9 @@ impl VirtioState {
             if new & status::FEATURES_OK == 0 {
                 self.bad_write("DRIVER_OK without FEATURES_OK");
                 new &= !status::DRIVER_OK;
+            } else if self.status() & status::DEVICE_NEEDS_RESET != 0 {
+                // Broken until reset (e.g. a ring refused at queue enable).
+                log::debug!("{}: DRIVER_OK while it needs a reset: not started", self.device.name());
             } else {
                 self.status = new;
                 return self.activate();
@@ -430,8 +459,13 @@ impl VirtioState {
         q.set_event_idx(self.driver_features & features::RING_EVENT_IDX != 0);
         q.set_ready(true);
         if !q.is_valid(self.active_view()) {
+            let secure = if self.is_secure() {
+                " (secure guest: shared pages only)"
+            } else {
+                ""
+            };
             return Err(format!(
-                "queue {index}: rings at {:#x}/{:#x}/{:#x} are not in reachable memory",
+                "queue {index}: rings at {:#x}/{:#x}/{:#x} are not in memory the device may reach{secure}",
                 cfg.desc, cfg.avail, cfg.used
             ));
         }
@@ -451,13 +485,15 @@ impl VirtioState {
             });
             match built {
                 Ok(q) => queues.push(q),
-                Err(why) => {
-                    DeviceMetrics::inc(&self.metrics.bad_descriptors);
-                    return self.needs_reset(&why);
-                }
+                Err(why) => return self.refuse_rings(&why),
             }
         }
         let platform = self.driver_features & features::ACCESS_PLATFORM != 0;
+        let secure = self.is_secure();
+        if secure && self.dma_mode == DmaMode::Auto && !platform {
+            // Negotiated while the guest was ordinary, started after ESM.
+            return self.needs_reset("auto DMA: features negotiated before ESM, without ACCESS_PLATFORM");
+        }
         let view = match (platform, &self.views.translated) {
             (true, Some(_)) => "translated",
             (true, None) => "platform (identity)",
@@ -473,6 +509,12 @@ impl VirtioState {
         match self.device.activate(activation) {
             Ok(()) => {
                 DeviceMetrics::inc(&self.metrics.activations);
+                if platform {
+                    DeviceMetrics::inc(&self.metrics.activations_platform);
+                }
+                if secure {
+                    DeviceMetrics::inc(&self.metrics.activations_secure);
+                }
                 *self
                     .watch
                     .view
@@ -481,7 +523,6 @@ impl VirtioState {
                 self.watch
                     .auto_bypass
                     .store(self.dma_mode == DmaMode::Auto && !platform, Ordering::Release);
-                let secure = self.views.shared.as_ref().is_some_and(|s| s.is_secure());
                 log::info!(
                     "{}: activated, {:?} mode: {view} DMA{}",
                     self.device.name(),
@@ -708,5 +749,156 @@ mod tests {
         assert_eq!(s.queue().unwrap().desc, 0x1000);
         assert_eq!(s.driver_features_word(), 0);
         assert!(s.metrics().bad_register_writes.load(Ordering::Relaxed) >= 2);
+    }
+
+    /// A host view that accepts every protection change.
+    struct NoHost;
+    impl crate::dma::HostProtection for NoHost {
+        fn set_accessible(&self, _gpa: u64, _len: u64, _accessible: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A device behind the shared-page gate of a 1 MiB guest, as the VMM
+    /// builds it; also returns the gate and the identity translation.
+    fn gated(
+        mode: DmaMode,
+        device: Box<dyn VirtioDevice>,
+    ) -> (VirtioState, Arc<SharedPages>, Arc<crate::dma::DmaTranslation>, Arc<Irq>) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let shared = Arc::new(SharedPages::new(&[(0, 1 << 20)]));
+        let identity = Arc::new(crate::dma::DmaTranslation::identity(&shared, "test"));
+        let views = DmaViews {
+            direct: crate::dma::translated_view(mem, identity.clone()),
+            translated: None,
+            shared: Some(shared.clone()),
+        };
+        let irq = Arc::new(Irq::default());
+        let s = VirtioState::new(device, mode, false, views, irq.clone(), Arc::default()).unwrap();
+        (s, shared, identity, irq)
+    }
+
+    fn dummy() -> (Box<dyn VirtioDevice>, Arc<Mutex<Vec<usize>>>) {
+        let acts = Arc::new(Mutex::new(Vec::new()));
+        (
+            Box::new(Dummy {
+                activations: acts.clone(),
+            }),
+            acts,
+        )
+    }
+
+    fn count(s: &VirtioState, name: &str) -> u64 {
+        s.metrics().snapshot().into_iter().find(|(n, _)| *n == name).unwrap().1
+    }
+
+    #[test]
+    fn reset_returns_only_once_the_worker_let_go_of_guest_memory() {
+        let rng = Box::new(crate::virtio::rng::Rng::new("rng0").unwrap());
+        let (mut s, _, identity, _) = gated(DmaMode::Bypass, rng);
+        let idle = Arc::strong_count(&identity);
+        negotiate(&mut s, features::VERSION_1);
+        setup_queue(&mut s, 0, 0x1000);
+        s.set_status(OK);
+        assert_eq!(s.status(), OK);
+        assert!(Arc::strong_count(&identity) > idle, "the worker holds a view");
+        s.set_status(0);
+        // No waiting: when the write returns the worker has stopped and
+        // dropped its view of the rings and buffers.
+        assert_eq!(Arc::strong_count(&identity), idle);
+        assert_eq!(s.status(), 0);
+    }
+
+    #[test]
+    fn auto_device_in_reset_at_esm_offers_access_platform_next() {
+        let (dev, acts) = dummy();
+        let (mut s, shared, _, irq) = gated(DmaMode::Auto, dev);
+        negotiate(&mut s, features::VERSION_1);
+        setup_queue(&mut s, 0, 0x1000);
+        s.set_status(OK);
+        s.set_status(0);
+        assert_eq!(s.offered_features() & features::ACCESS_PLATFORM, 0);
+        shared.enter_secure(0x1000, 1, &NoHost).unwrap();
+        assert_eq!(s.status(), 0, "a device in reset needs no other reset");
+        assert!(irq.0.lock().unwrap().is_empty());
+        assert_ne!(s.offered_features() & features::ACCESS_PLATFORM, 0);
+        negotiate(&mut s, features::VERSION_1 | features::ACCESS_PLATFORM);
+        setup_queue(&mut s, 0, 0x1000);
+        s.set_status(OK);
+        assert_eq!(s.status(), OK);
+        assert_eq!(acts.lock().unwrap().len(), 2);
+        let counts: Vec<_> = ["activations", "activations_platform", "activations_secure"]
+            .iter()
+            .map(|n| count(&s, n))
+            .collect();
+        assert_eq!(counts, vec![2, 1, 1], "bypass before ESM, platform after");
+    }
+
+    #[test]
+    fn auto_device_running_at_esm_needs_reset() {
+        let (dev, _) = dummy();
+        let (mut s, shared, _, irq) = gated(DmaMode::Auto, dev);
+        negotiate(&mut s, features::VERSION_1);
+        setup_queue(&mut s, 0, 0x1000);
+        s.set_status(OK);
+        shared.enter_secure(0x1000, 1, &NoHost).unwrap();
+        assert_eq!(s.status(), OK | status::DEVICE_NEEDS_RESET);
+        assert_eq!(*irq.0.lock().unwrap(), vec![InterruptCause::Config]);
+        s.set_status(0);
+        assert_eq!(s.status(), 0);
+    }
+
+    #[test]
+    fn auto_features_negotiated_before_esm_cannot_start_after_it() {
+        let (dev, acts) = dummy();
+        let (mut s, shared, _, _) = gated(DmaMode::Auto, dev);
+        negotiate(&mut s, features::VERSION_1);
+        setup_queue(&mut s, 0, 0x1000);
+        shared.enter_secure(0x1000, 1, &NoHost).unwrap();
+        s.set_status(OK);
+        assert_ne!(s.status() & status::DEVICE_NEEDS_RESET, 0);
+        assert!(acts.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn secure_rings_on_private_pages_are_refused_at_queue_enable() {
+        let (dev, acts) = dummy();
+        let (mut s, shared, _, irq) = gated(DmaMode::Platform, dev);
+        shared.enter_secure(0x1000, 1, &NoHost).unwrap();
+        negotiate(&mut s, features::VERSION_1 | features::ACCESS_PLATFORM);
+        setup_queue(&mut s, 0, 0x1000);
+        assert!(s.queue().unwrap().ready, "rings on the shared page");
+        assert_eq!(s.status() & status::DEVICE_NEEDS_RESET, 0);
+        setup_queue(&mut s, 1, 0x8000);
+        assert!(!s.queue().unwrap().ready, "rings on private pages");
+        assert_ne!(s.status() & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(*irq.0.lock().unwrap(), vec![InterruptCause::Config]);
+        s.set_status(OK);
+        assert!(acts.lock().unwrap().is_empty(), "DRIVER_OK does not start it");
+        assert_eq!(count(&s, "private_rings"), 1, "counted once");
+        assert_eq!(count(&s, "bad_descriptors"), 0);
+        // After a reset, rings it shared start.
+        s.set_status(0);
+        shared.share(0x8000, 1, &NoHost).unwrap();
+        negotiate(&mut s, features::VERSION_1 | features::ACCESS_PLATFORM);
+        setup_queue(&mut s, 0, 0x1000);
+        setup_queue(&mut s, 1, 0x8000);
+        s.set_status(OK);
+        assert_eq!(s.status(), OK);
+        assert_eq!(*acts.lock().unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn secure_rings_made_private_before_driver_ok_are_refused_there() {
+        let (dev, acts) = dummy();
+        let (mut s, shared, _, _) = gated(DmaMode::Platform, dev);
+        shared.enter_secure(0x1000, 1, &NoHost).unwrap();
+        negotiate(&mut s, features::VERSION_1 | features::ACCESS_PLATFORM);
+        setup_queue(&mut s, 0, 0x1000);
+        shared.unshare(0x1000, 1, &NoHost).unwrap();
+        s.set_status(OK);
+        assert_ne!(s.status() & status::DEVICE_NEEDS_RESET, 0);
+        assert!(acts.lock().unwrap().is_empty());
+        assert_eq!(count(&s, "private_rings"), 1);
     }
 }
