@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     let pages = Arc::new(SharedPages::new(&RAM));
     // The host view covers all of RAM, so host changes succeed.
     let view = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (96 * PAGE_SIZE) as usize)]).unwrap();
-    let gate = UltracallGate::new(pages.clone(), HostViewProtection(view), Instant::now());
+    let gate = UltracallGate::new(pages.clone(), HostViewProtection::new(view), Instant::now());
     while !input.is_empty() {
         let op = input.u8();
         let (a, n) = (gpa(&mut input), npages(&mut input));
