@@ -180,20 +180,7 @@ fn an_ap_woken_at_a_non_canonical_rip_is_a_triple_fault() {
     code.extend([0x48, 0x89, 0x43, 0x08]); // mov [rbx+8], rax
     code.extend([0x66, 0xc7, 0x03, 0x01, 0x00]); // mov word [rbx], 1
     code.extend(SPIN);
-    let path = write_guest("wakeup-noncanonical.elf", &code);
-    let p = path.display().to_string();
-    let args = [
-        "run",
-        "--kernel",
-        &p,
-        "--cpus",
-        "2",
-        "--memory",
-        "64M",
-        "--timeout",
-        "20",
-    ];
-    let out = run_veil(&args, LIMIT);
+    let out = run_guest("wakeup-noncanonical.elf", &code, &["--cpus", "2", "--timeout", "20"]);
     assert_triple_fault(&out, 1, "RIP 0x8000000000000000");
 }
 

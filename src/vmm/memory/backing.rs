@@ -18,8 +18,6 @@ type Attempt = fn(u64) -> std::result::Result<File, String>;
 
 pub const HUGE_PAGE: u64 = 2 << 20;
 const SMALL_PAGE: u64 = 4096;
-const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backing {
@@ -166,13 +164,12 @@ fn shmem_thp(size: u64) -> std::result::Result<File, String> {
     }
 }
 
-fn filesystem_magic(file: &File) -> Option<i64> {
+fn filesystem_magic(file: &File) -> Option<libc::c_long> {
     // SAFETY: an all-zero statfs is valid; fstatfs fills it for this fd.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid statfs to write into and the fd is open.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-    #[allow(clippy::unnecessary_cast)]
-    (rc == 0).then_some(st.f_type as i64)
+    (rc == 0).then_some(st.f_type)
 }
 
 /// The user's `file=PATH`: created if missing, grown to the size if shorter.
@@ -187,7 +184,7 @@ fn user_file(path: &Path, size: u64, hugepages: HugePages) -> Result<RamFile> {
             format!("--memory file={}: cannot open", path.display())
         })?;
     let magic = filesystem_magic(&file);
-    let backing = if magic == Some(HUGETLBFS_MAGIC) {
+    let backing = if magic == Some(libc::HUGETLBFS_MAGIC) {
         Backing::Hugetlbfs
     } else {
         Backing::File
@@ -198,7 +195,7 @@ fn user_file(path: &Path, size: u64, hugepages: HugePages) -> Result<RamFile> {
         (Backing::Hugetlbfs, _) if !size.is_multiple_of(HUGE_PAGE) => {
             return Err(bad("the size must be a multiple of 2 MiB on hugetlbfs"))
         }
-        (Backing::File, HugePages::On) if magic != Some(TMPFS_MAGIC) => {
+        (Backing::File, HugePages::On) if magic != Some(libc::TMPFS_MAGIC) => {
             return Err(bad(
                 "hugepages=on needs a file on hugetlbfs or on a tmpfs mounted huge=",
             ))
@@ -278,7 +275,8 @@ mod tests {
             hugepages: HugePages::On,
             ..config
         };
-        let on_disk = magic_of(&path) != Some(TMPFS_MAGIC) && magic_of(&path) != Some(HUGETLBFS_MAGIC);
+        let magic = magic_of(&path);
+        let on_disk = magic != Some(libc::TMPFS_MAGIC) && magic != Some(libc::HUGETLBFS_MAGIC);
         if on_disk {
             let err = open(&on).err().unwrap();
             assert_eq!(err.kind, Kind::Usage);
@@ -287,7 +285,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
-    fn magic_of(path: &Path) -> Option<i64> {
+    fn magic_of(path: &Path) -> Option<libc::c_long> {
         filesystem_magic(&File::open(path).ok()?)
     }
 
